@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (first time) and run the whole test suite, browser tests included.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup_env.sh"
+# Browser tests drive Debian's Chromium through Playwright (no browser download works offline).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+fi
+cd "$ROOT"
+exec python -m pytest -q "$@"
