@@ -1,0 +1,459 @@
+"""The run manager: background runs as OS processes, with a table of runs in SQLite.
+
+The database is the source of truth, not this object: several managers (workbench processes,
+browser sessions sharing one, a CLI) may use one database at once; every change of a run's state
+is a conditional UPDATE inside a write transaction. A run goes
+
+    queued -> running -> succeeded | failed | cancelled | lost
+    queued -> cancelled
+
+`lost` means the process vanished without a trace of how it ended (for instance the machine
+rebooted). Each run is `python -m workbench.jobs.supervise EXIT_FILE -- COMMAND` started without a
+shell as the leader of a new session/process group, with stdout and stderr going to `run.log` in
+the run's output directory: a file, so a run never blocks on a pipe that nobody reads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import processes
+from .metrics import MetricsTail, error_summary, tail_text
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST = "queued", "running", "succeeded", "failed", "cancelled", "lost"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED, LOST)
+
+LOG_NAME, METRICS_NAME, CONFIG_NAME, EXIT_NAME = "run.log", "metrics.jsonl", "run_config.json", "exit.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('queued','running','succeeded','failed','cancelled','lost')),
+    launcher     TEXT NOT NULL,          -- 'train': command built from the config; 'command': given
+    config       TEXT NOT NULL,          -- JSON, the full config of the run
+    command      TEXT NOT NULL,          -- JSON list: argv of the command (without the supervisor)
+    nproc        INTEGER NOT NULL DEFAULT 1,
+    output_dir   TEXT NOT NULL,
+    workdir      TEXT NOT NULL,
+    pid          INTEGER,                -- the supervisor: session and process group leader
+    pgid         INTEGER,
+    proc_start   TEXT,                   -- start token of pid, guards against pid reuse
+    host         TEXT,
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    ended_at     REAL,
+    exit_code    INTEGER,
+    error        TEXT,
+    cancel_requested_at REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    parent_id    INTEGER REFERENCES runs(id)
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
+
+@dataclass
+class Run:
+    id: int
+    name: str
+    status: str
+    launcher: str
+    config: dict
+    command: list[str]
+    nproc: int
+    output_dir: Path
+    workdir: Path
+    pid: int | None
+    pgid: int | None
+    proc_start: str | None
+    host: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    exit_code: int | None
+    error: str | None
+    cancel_requested_at: float | None
+    attempts: int
+    parent_id: int | None
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / LOG_NAME
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / METRICS_NAME
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.ended_at or time.time()) - self.started_at
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Run":
+        values = dict(row)
+        values["config"] = json.loads(values["config"])
+        values["command"] = json.loads(values["command"])
+        values["output_dir"] = Path(values["output_dir"])
+        values["workdir"] = Path(values["workdir"])
+        return cls(**values)
+
+
+def train_command(config_path: Path, nproc: int = 1, python: str = sys.executable) -> list[str]:
+    """The argv that trains from a config file: one process, or `torchrun` with nproc processes
+    (DDP; gloo on CPU, nccl on GPUs, chosen by the entry point)."""
+    if nproc <= 1:
+        return [python, "-m", "workbench.train", str(config_path)]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "workbench.train", str(config_path)]
+
+
+def deep_merge(base: dict, edits: dict) -> dict:
+    """base updated with edits; nested dicts merge, a None value removes the key."""
+    merged = copy.deepcopy(base)
+    for key, value in edits.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class RunManager:
+    """Starts, watches, cancels and reconciles runs. Safe to share between threads; several
+    managers (processes) may share one database.
+
+    runs_dir: where runs without an explicit output_dir get theirs (runs_dir/run-0007).
+    max_concurrent: how many runs may be running at once; the rest wait queued.
+    grace_s: how long a cancelled run has between SIGTERM and SIGKILL.
+    monitor: poll in a background thread (the workbench); tests may call `tick()` themselves.
+    """
+
+    def __init__(self, runs_dir: Path, *, db_path: Path | None = None, max_concurrent: int = 1,
+                 grace_s: float = 10.0, poll_s: float = 1.0, monitor: bool = True,
+                 workdir: Path | None = None, python: str = sys.executable, env: dict | None = None):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = Path(db_path) if db_path else self.runs_dir / "runs.sqlite"
+        self.max_concurrent = max(1, int(max_concurrent))
+        self.grace_s, self.poll_s = grace_s, poll_s
+        self.workdir = Path(workdir or Path.cwd()).resolve()
+        self.python, self.env = python, env
+        self._children: dict[int, subprocess.Popen] = {}  # run id -> the process we started
+        self._metrics: dict[tuple[int, str], MetricsTail] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        self.tick()  # reconcile what an earlier workbench left behind, then start queued runs
+        self._thread = None
+        if monitor:
+            self._thread = threading.Thread(target=self._monitor, name="run-manager", daemon=True)
+            self._thread.start()
+
+    # ---- database -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        return db
+
+    @contextmanager
+    def _write(self):
+        """A write transaction: BEGIN IMMEDIATE takes the database's write lock up front, so two
+        managers never both start the same queued run or exceed the concurrency limit."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def get(self, run_id: int) -> Run:
+        db = self._connect()
+        try:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (int(run_id),)).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            raise KeyError(f"no run with id {run_id}")
+        return Run.from_row(row)
+
+    def list(self, limit: int | None = None) -> list[Run]:
+        """Runs, newest first."""
+        db = self._connect()
+        try:
+            sql = "SELECT * FROM runs ORDER BY id DESC" + (" LIMIT ?" if limit else "")
+            rows = db.execute(sql, (limit,) if limit else ()).fetchall()
+        finally:
+            db.close()
+        return [Run.from_row(r) for r in rows]
+
+    # ---- submitting ----------------------------------------------------------------------
+    def submit(self, config: dict, *, name: str | None = None, command: list[str] | None = None,
+               nproc: int = 1, parent_id: int | None = None) -> Run:
+        """Queue a run (it starts as soon as a slot is free). Without `command` the run trains:
+        `python -m workbench.train run_config.json` (torchrun when nproc > 1). The config is stored
+        in full and written to the output directory; a missing output_dir gets runs_dir/run-N."""
+        config = copy.deepcopy(dict(config))
+        launcher = "train" if command is None else "command"
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO runs (name, status, launcher, config, command, nproc, output_dir, workdir, created_at,"
+                " parent_id) VALUES (?, 'queued', ?, '{}', '[]', ?, '', ?, ?, ?)",
+                (name or "", launcher, int(nproc), str(self.workdir), now, parent_id))
+            run_id = cur.lastrowid
+            output_dir = Path(config.get("output_dir") or self.runs_dir / f"run-{run_id:04d}")
+            if not output_dir.is_absolute():
+                output_dir = self.workdir / output_dir
+            output_dir = output_dir.resolve()
+            self._refuse_shared_output_dir(db, run_id, output_dir)
+            config["output_dir"] = str(output_dir)
+            config_path = output_dir / CONFIG_NAME
+            argv = train_command(config_path, nproc, self.python) if command is None else [str(a) for a in command]
+            db.execute("UPDATE runs SET name = ?, config = ?, command = ?, output_dir = ? WHERE id = ?",
+                       (name or f"run-{run_id:04d}", json.dumps(config), json.dumps(argv), str(output_dir), run_id))
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(json.dumps(config, indent=2))
+        self.tick()
+        return self.get(run_id)
+
+    @staticmethod
+    def _refuse_shared_output_dir(db, run_id: int, output_dir: Path) -> None:
+        other = db.execute("SELECT id FROM runs WHERE output_dir = ? AND id != ? AND status IN ('queued','running')",
+                           (str(output_dir), run_id)).fetchone()
+        if other:
+            raise ValueError(f"output_dir {output_dir} is in use by run {other['id']}, which has not finished")
+
+    def clone(self, run_id: int, edits: dict | None = None, *, name: str | None = None) -> Run:
+        """A new run with the config of run_id, edited (nested keys merge; None removes a key).
+        It gets its own output directory unless the edits name one; it does not resume."""
+        source = self.get(run_id)
+        config = deep_merge(source.config, {"output_dir": None, "resume": None, **(edits or {})})
+        command = None if source.launcher == "train" else source.command
+        return self.submit(config, name=name or f"{source.name} (clone)", command=command,
+                           nproc=source.nproc, parent_id=source.id)
+
+    def resume(self, run_id: int) -> Run:
+        """Queue a finished run again in its own output directory with `resume: true`, so the
+        trainer continues from its last checkpoint; metrics and log are appended to."""
+        with self._write() as db:
+            run = Run.from_row(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+            if not run.finished:
+                raise ValueError(f"run {run_id} is {run.status}; only a finished run can be resumed")
+            if run.launcher != "train":
+                raise ValueError(f"run {run_id} runs a custom command; only training runs resume")
+            self._refuse_shared_output_dir(db, run_id, run.output_dir)
+            config = dict(run.config, resume=True)
+            (run.output_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            db.execute("UPDATE runs SET status = 'queued', config = ?, pid = NULL, pgid = NULL, proc_start = NULL,"
+                       " ended_at = NULL, exit_code = NULL, error = NULL, cancel_requested_at = NULL"
+                       " WHERE id = ? AND status = ?", (json.dumps(config), run_id, run.status))
+        self.tick()
+        return self.get(run_id)
+
+    # ---- cancelling ----------------------------------------------------------------------
+    def cancel(self, run_id: int) -> Run:
+        """A queued run is cancelled at once; a running one gets SIGTERM (its whole process group)
+        and SIGKILL after grace_s if it is still there. Finished runs are left as they are."""
+        now = time.time()
+        with self._write() as db:
+            run = Run.from_row(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+            if run.status == QUEUED:
+                db.execute("UPDATE runs SET status = 'cancelled', ended_at = ? WHERE id = ? AND status = 'queued'",
+                           (now, run_id))
+            elif run.status == RUNNING:
+                if run.cancel_requested_at is None:
+                    db.execute("UPDATE runs SET cancel_requested_at = ? WHERE id = ?", (now, run_id))
+                if self._is_alive(run):
+                    processes.signal_group(run.pgid, signal.SIGTERM)
+        self.tick()
+        return self.get(run_id)
+
+    # ---- watching ------------------------------------------------------------------------
+    def _is_alive(self, run: Run) -> bool:
+        child = self._children.get(run.id)
+        if child is not None and child.pid == run.pid and child.poll() is not None:
+            return False  # reaped: it was ours and it has exited
+        return run.host == processes.HOST and processes.is_alive(run.pid, run.proc_start)
+
+    def tick(self) -> None:
+        """One round of bookkeeping: finish runs whose process ended, escalate cancels past
+        their grace period, start queued runs while slots are free."""
+        with self._lock:
+            self._check_running()
+            self._start_queued()
+
+    def _check_running(self) -> None:
+        now = time.time()
+        with self._write() as db:
+            rows = db.execute("SELECT * FROM runs WHERE status = 'running'").fetchall()
+            for run in map(Run.from_row, rows):
+                if run.host != processes.HOST:
+                    continue  # another machine's run (shared database): it is that machine's to judge
+                if self._is_alive(run):
+                    if run.cancel_requested_at is not None and now - run.cancel_requested_at > self.grace_s:
+                        processes.signal_group(run.pgid, signal.SIGKILL)
+                    continue
+                self._finish(db, run, now)
+
+    def _finish(self, db, run: Run, now: float) -> None:
+        if run.pgid and processes.group_members(run.pgid):
+            processes.signal_group(run.pgid, signal.SIGKILL)  # the leader died; take its group with it
+        child = self._children.pop(run.id, None)
+        supervisor_code = child.poll() if child is not None else None
+        outcome = _read_json(run.output_dir / EXIT_NAME)
+        code = outcome.get("returncode") if outcome else None
+        log = tail_text(run.log_path, max_lines=300)
+        error = None
+        if run.cancel_requested_at is not None:
+            status = CANCELLED
+        elif code == 0:
+            status = SUCCEEDED
+        elif code is not None:
+            status = FAILED
+            error = error_summary(log) or f"exited with code {code}"
+            if code < 0:
+                error = f"killed by {_signal_name(-code)}\n{error}"
+        elif supervisor_code is not None:
+            # ours, ended without recording an outcome: killed from outside (e.g. the OOM killer)
+            status, code = FAILED, supervisor_code
+            error = f"the run's process ended ({_describe_code(supervisor_code)}) without recording an outcome " \
+                    f"(killed from outside, e.g. out of memory?)\n{error_summary(log)}"
+        else:
+            status = LOST
+            error = f"the run's process is gone and left no exit status (machine restarted?)\n{error_summary(log)}"
+        ended = (outcome or {}).get("ended_at") or now
+        db.execute("UPDATE runs SET status = ?, exit_code = ?, error = ?, ended_at = ? WHERE id = ? AND status = 'running'",
+                   (status, code, error, ended, run.id))
+
+    def _start_queued(self) -> None:
+        with self._write() as db:
+            running = db.execute("SELECT COUNT(*) FROM runs WHERE status = 'running'").fetchone()[0]
+            free = self.max_concurrent - running
+            if free <= 0:
+                return
+            rows = db.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY id LIMIT ?", (free,)).fetchall()
+            for run in map(Run.from_row, rows):
+                self._launch(db, run)
+
+    def _launch(self, db, run: Run) -> None:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        exit_file = run.output_dir / EXIT_NAME
+        exit_file.unlink(missing_ok=True)
+        argv = [self.python, "-m", "workbench.jobs.supervise", str(exit_file), "--", *run.command]
+        env = _child_env(self.env)
+        env.update(WORKBENCH_RUN_ID=str(run.id), WORKBENCH_RUN_DIR=str(run.output_dir))
+        now = time.time()
+        with open(run.log_path, "ab") as log:
+            log.write(f"\n=== run {run.id} attempt {run.attempts + 1} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(run.command)}\n".encode())
+            log.flush()
+            try:
+                child = subprocess.Popen(argv, cwd=run.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            except OSError as e:
+                db.execute("UPDATE runs SET status = 'failed', error = ?, started_at = ?, ended_at = ?,"
+                           " attempts = attempts + 1 WHERE id = ?", (f"could not start: {e}", now, now, run.id))
+                return
+        self._children[run.id] = child
+        db.execute("UPDATE runs SET status = 'running', pid = ?, pgid = ?, proc_start = ?, host = ?, started_at = ?,"
+                   " attempts = attempts + 1 WHERE id = ?",
+                   (child.pid, child.pid, processes.start_token(child.pid), processes.HOST, now, run.id))
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.tick()
+            except sqlite3.OperationalError as e:  # a busy database: try again next round
+                print(f"run manager: {e}", file=sys.stderr)
+
+    def wait(self, run_id: int, timeout: float = 60.0, poll_s: float = 0.1) -> Run:
+        """Block until the run has finished (for scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.tick()
+            run = self.get(run_id)
+            if run.finished:
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {run.status} after {timeout} s")
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        """Stop watching. Runs keep going; a later manager reattaches to them."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ---- reading a run's output ------------------------------------------------------------
+    def metrics(self, run_id: int) -> list[dict]:
+        """All metrics records of a run so far; each call reads only what was appended since."""
+        run = self.get(run_id)
+        key = (run.id, str(run.metrics_path))
+        with self._lock:
+            tail = self._metrics.get(key)
+            if tail is None:
+                tail = self._metrics[key] = MetricsTail(run.metrics_path)
+        return tail.all()
+
+    def log_tail(self, run_id: int, max_lines: int = 200) -> str:
+        return tail_text(self.get(run_id).log_path, max_lines=max_lines)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _child_env(extra: dict | None) -> dict:
+    import os
+
+    env = dict(os.environ)
+    # the run imports workbench/models from the project, whatever its working directory
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"  # the log shows progress as it happens
+    env.update(extra or {})
+    return env
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _describe_code(code: int) -> str:
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    if code > 128:
+        return f"exit code {code}, probably {_signal_name(code - 128)}"
+    return f"exit code {code}"
