@@ -1,0 +1,216 @@
+"""Shared fixtures: tokenizers and processors built locally (no hub), tiny models from configs,
+and a real workbench server with a real headless Chromium for browser tests."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A different template family: role tags, trimmed content, a [SEP] closing each turn.
+TAGGED_TEMPLATE = (
+    "[CLS]{% for message in messages %}<{{ message['role'] }}> {{ message['content'] | trim }} [SEP]"
+    "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+CORPUS = [
+    "What color is the circle? The circle is red. How many shapes are there? There are three shapes.",
+    "I think the square is green. Is the triangle on the left or the right? It is on the left.",
+    "Describe the image. A blue circle, a yellow square and a green triangle.",
+    "这个圆是什么颜色？ 红色。 emoji 🙂👍🏽 café naïve e\u0301 zebra giraffe hello there",
+] * 20
+
+
+def build_bpe_tokenizer():
+    """A byte-level BPE with the Qwen2-VL special tokens and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_wordpiece_tokenizer():
+    """A lower-casing WordPiece (BERT style) with a different chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]")
+    fast.chat_template = TAGGED_TEMPLATE
+    return fast
+
+
+def build_qwen2vl_processor(tokenizer=None):
+    """A Qwen2-VL processor over the local BPE: 28-pixel merged patches, so a 56x56 image is 4 tokens."""
+    from models.vlm.processor import ImageOnlyQwen2VLProcessor, qwen_image_processor
+
+    tokenizer = tokenizer or build_bpe_tokenizer()
+    image_processor = qwen_image_processor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
+                                           merge_size=2, temporal_patch_size=2)
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return build_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer():
+    return build_wordpiece_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_processor(bpe_tokenizer):
+    return build_qwen2vl_processor(bpe_tokenizer)
+
+
+def tiny_qwen2vl(processor, seed: int = 0, attn_implementation: str = "hsa"):
+    """A randomly initialised Qwen2-VL small enough for a unit test."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tok = processor.tokenizer
+    ids = {name: tok.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def shapes_png(path: Path, color=(255, 0, 0), size: int = 56) -> Path:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).ellipse([8, 8, size - 8, size - 8], fill=color)
+    image.save(path)
+    return path
+
+
+# --- the real workbench in a real browser -------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the workbench exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the workbench did not answer at {url}:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def workbench_workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="session")
+def workbench_url(workbench_workspace):
+    """`python app.py` on a free port, as a person would start it; yields its URL."""
+    port = free_port()
+    log = workbench_workspace / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace", str(workbench_workspace)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+SCREENSHOTS = Path(os.environ.get("WORKBENCH_SCREENSHOTS", "/tmp/screens"))
+
+
+def screenshot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

@@ -1,0 +1,1 @@
+"""Everything between the person and the models: store, alignment, runs, training, the UI."""
