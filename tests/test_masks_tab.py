@@ -1,0 +1,81 @@
+"""The HSA mask tab: its functions without a browser, then the real page in headless Chromium."""
+import json
+
+import pytest
+
+from conftest import build_qwen2vl_processor, screenshot, shapes_png
+from workbench.align import AlignError
+from workbench.mask_view import BLOCKED, build_mask_view, mask_figure, pair_summary, parse_conversation_text
+from workbench.ui.masks import EXAMPLE_MARKED, EXAMPLE_SHAREGPT, resolve_images
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory):
+    """A saved Qwen2-VL-style tokenizer + image processor, loaded back like any checkpoint."""
+    path = tmp_path_factory.mktemp("processor")
+    processor = build_qwen2vl_processor()
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    return path
+
+
+def test_both_input_formats_parse():
+    marked = parse_conversation_text(EXAMPLE_MARKED)
+    assert [t["from"] for t in marked["conversations"]] == ["system", "user", "assistant", "user", "user",
+                                                            "assistant"]
+    record = parse_conversation_text(EXAMPLE_SHAREGPT)
+    text = record["conversations"][0]["value"]
+    span = record["conversations"][0]["spans"][0]
+    assert text[span["start"]:span["end"]] == "lol nice weather today"
+    assert parse_conversation_text(json.dumps([record])) == record
+    with pytest.raises(AlignError, match="malformed JSON at line 1"):
+        parse_conversation_text('{"conversations": [')
+
+
+def test_summary_counts_match_a_direct_count(qwen2vl_processor):
+    view = build_mask_view(parse_conversation_text(EXAMPLE_SHAREGPT), qwen2vl_processor)
+    roles = view.roles
+    n = len(roles)
+    blocked = sum(1 for q in range(n) for k in range(q + 1) if roles[q] != 2 and roles[k] == 2)
+    rows = pair_summary(view)
+    assert rows[-1][2] == n * (n + 1) // 2 and rows[-1][3] == blocked
+    assert sum(r[3] for r in rows[:-1]) == blocked
+    assert int((view.categories == BLOCKED).sum()) == blocked
+    figure = mask_figure(view)
+    assert figure.data[0].z.shape == (n, n)
+    pooled = mask_figure(view, max_cells=20)
+    assert pooled.data[0].z.shape[0] <= 20 and (pooled.data[0].z == BLOCKED).any()
+
+
+def test_images_are_taken_from_uploads_or_the_workspace_only(tmp_path):
+    from workbench.ui.context import AppContext
+
+    ctx = AppContext.create(tmp_path / "ws")
+    upload = shapes_png(tmp_path / "red.png")
+    record = {"conversations": [{"from": "human", "value": "<image>hi"}], "images": ["some/dir/red.png"]}
+    assert resolve_images(record, [str(upload)], ctx)["images"] == [str(upload.resolve())]
+    with pytest.raises(ValueError, match="outside the workspace"):
+        resolve_images(dict(record, images=["../../etc/passwd"]), [], ctx)
+
+
+@pytest.mark.browser
+def test_mask_tab_in_the_browser(workbench_url, page, processor_dir):
+    page.goto(workbench_url)
+    page.fill("#mask-model textarea, #mask-model input", str(processor_dir))
+    page.get_by_role("button", name="Example: ShareGPT JSON").click()
+    page.wait_for_selector("#mask-status:has-text('causal query')", timeout=60_000)
+    status = page.inner_text("#mask-status")
+    assert "tokens" in status and "HSA blocks" in status
+    page.wait_for_selector("#mask-plot .main-svg", timeout=30_000)
+    assert page.locator("#mask-summary").get_by_text("blocked by HSA").count() >= 1
+    strip = "".join(page.inner_text("#mask-tokens").split())
+    assert "lolniceweathertoday" in strip
+    screenshot(page, "masks-sharegpt")
+    # bad input: a clear message, and the last good result stays
+    page.locator("#mask-input .cm-content").fill('{"conversations": [{"from": "human", "value": "x", '
+                                                 '"semantic_type": "CHATTER"}]}')
+    page.click("#mask-show")
+    page.wait_for_selector("#mask-status:has-text(\"unknown semantic role 'CHATTER'\")", timeout=30_000)
+    assert page.locator("#mask-plot .main-svg").count() >= 1  # the last good mask is still there
+    screenshot(page, "masks-error")

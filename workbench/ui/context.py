@@ -1,0 +1,45 @@
+"""What every tab needs to know about this running workbench."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_VLM = ROOT / "models" / "zoo" / "default_vlm"
+
+
+@dataclass(frozen=True)
+class AppContext:
+    workspace: Path  # every file the workbench writes or serves lives under here
+    db_path: Path  # the annotation database
+    runs_dir: Path  # training runs: one directory each
+    default_model: Path = DEFAULT_VLM
+
+    @classmethod
+    def create(cls, workspace: Path, db_path: Path | None = None, default_model: Path | None = None):
+        workspace = Path(workspace).resolve()
+        for sub in ("uploads", "exports", "runs", "tmp"):
+            (workspace / sub).mkdir(parents=True, exist_ok=True)
+        return cls(workspace=workspace, db_path=Path(db_path or workspace / "workbench.db").resolve(),
+                   runs_dir=workspace / "runs", default_model=Path(default_model or DEFAULT_VLM))
+
+    def resolve_model(self, name: str | None) -> str:
+        """'' / 'default' -> the embedded default model; anything else is a path or a hub id."""
+        name = (name or "").strip()
+        return str(self.default_model) if name in ("", "default") else name
+
+    def inside_workspace(self, path: str | Path) -> Path:
+        """The resolved path, refused when it would leave the workspace (uploads, exports)."""
+        resolved = (self.workspace / path).resolve()
+        if resolved != self.workspace and self.workspace not in resolved.parents:
+            raise ValueError(f"{path} is outside the workspace {self.workspace}")
+        return resolved
+
+
+@functools.lru_cache(maxsize=4)
+def cached_processor(name: str):
+    """Tokenizers/processors are loaded once per model name and shared by the tabs (read-only use)."""
+    from models.vlm.processor import load_processor
+
+    return load_processor(name)
