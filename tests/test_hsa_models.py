@@ -192,3 +192,30 @@ def test_qwen2vl_with_an_image_ignores_noise_turns(qwen2vl_processor, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pa, sdpa(**{k: v for k, v in a.items() if k != "semantic_ids"}).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_probe_keeps_one_layer_and_measures_mass_without_changing_outputs():
+    from models.hsa import AttentionProbe
+
+    roles, ids = roles_and_ids(batch=1, length=20, seed=9)
+    model = text_model("llama")
+    attend = roles != NOISE
+    with torch.no_grad():
+        reference = model(ids, semantic_ids=roles, output_attentions=True)
+        plain = model(ids, output_attentions=True)
+        for semantic_ids, expected in ((roles, reference), (None, plain)):
+            probe = AttentionProbe(layer=1, head=None, query_mask=attend, key_groups={"noise": roles == NOISE},
+                                   chunk=7)
+            out = model(ids, semantic_ids=semantic_ids, hsa_probe=probe)
+            torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+            assert list(probe.maps) == [1]
+            torch.testing.assert_close(probe.maps[1][0], expected.attentions[1][0].mean(0), atol=1e-5, rtol=1e-5)
+            for layer, weights in enumerate(expected.attentions):
+                on_noise = (weights[0] * (roles[0] == NOISE)).sum(-1)  # [heads, q]
+                want = on_noise[:, attend[0]].mean().item()
+                assert probe.mass["noise"][layer] == pytest.approx(want, abs=1e-5)
+        assert probe.mass_by_layer("noise")[0] > 0.01  # without HSA, landmarks look at noise
+        probe_on = AttentionProbe(layer=0, head=2, query_mask=attend, key_groups={"noise": roles == NOISE})
+        model(ids, semantic_ids=roles, hsa_probe=probe_on)
+    assert probe_on.mass_by_layer("noise") == [0.0, 0.0]
+    torch.testing.assert_close(probe_on.maps[0][0], reference.attentions[0][0, 2], atol=1e-5, rtol=1e-5)

@@ -35,6 +35,11 @@ def hsa_attention_forward(
     (bool, causal + padding) or None when SDPA's causal path applies."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     want_weights = bool(kwargs.get("output_attentions", False))
+    probe = kwargs.pop("hsa_probe", None)
+    if probe is not None and causal:  # attention maps / mass for the workbench (models.hsa.probe)
+        seen = (hsa_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
+                if semantic_ids is not None else _plain_allowed(attention_mask, query, key, causal))
+        probe.observe(module, query, key, seen, scaling)
     if semantic_ids is None or not causal:
         # Not a decoder self-attention (e.g. a vision tower), or no roles given: plain attention.
         if want_weights:
