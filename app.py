@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_app(ctx):
     import gradio as gr
 
-    from workbench.ui import masks
+    from workbench.ui import chat, masks
 
     with gr.Blocks(title="HSA Workbench") as app:
         gr.Markdown("# HSA Workbench\nLabel conversation tokens as **global** / **landmark** / **noise**, "
@@ -37,6 +37,8 @@ def build_app(ctx):
         with gr.Tabs():
             with gr.Tab("HSA mask", id="masks"):
                 masks.build(ctx)
+            with gr.Tab("Chat", id="chat"):
+                chat.build(ctx)
     return app
 
 

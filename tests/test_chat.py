@@ -1,0 +1,74 @@
+"""The Chat tab's logic without a browser: turns, checks on input, the model pool, the API."""
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import shapes_png
+from models.hsa import GLOBAL, LANDMARK, NOISE
+from workbench.align import normalize_record
+from workbench.chat import (ChatInputError, ChatTurn, ModelPool, display_messages, finished_runs,
+                            history_from_api, to_record, turns_table, user_turn)
+
+
+def test_user_turn_checks_what_people_send(tmp_path):
+    red = shapes_png(tmp_path / "red.png")
+    turn = user_turn({"text": " What color? ", "files": [{"path": str(red)}]}, "noise")
+    assert turn.text == "What color?" and turn.images == [str(red)] and turn.hsa_role == NOISE
+    assert user_turn("hi").hsa_role == GLOBAL
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.new("1", (5000, 5000)).save(tmp_path / "huge.png")
+    for message, reason in [
+        ({"text": "  ", "files": []}, "the message is empty"),
+        (None, "the message is empty"),
+        ({"text": "", "files": [str(red)]}, "add a question"),
+        ({"text": "x", "files": [str(tmp_path / "gone.png")]}, "gone.png is missing"),
+        ({"text": "x", "files": [str(tmp_path / "broken.png")]}, "not a readable image"),
+        ({"text": "x", "files": [str(tmp_path / "huge.png")]}, "5000x5000 pixels"),
+    ]:
+        with pytest.raises(ChatInputError, match=reason):
+            user_turn(message)
+
+
+def test_turns_become_a_valid_record_with_roles_and_images(tmp_path):
+    a, b = str(shapes_png(tmp_path / "a.png")), str(shapes_png(tmp_path / "b.png"))
+    turns = [ChatTurn("user", "What color?", [a]), ChatTurn("assistant", "Red."),
+             ChatTurn("user", "I think it is green", role=NOISE), ChatTurn("user", "Compare", [a, b])]
+    record = to_record(turns, system="Be brief.")
+    conversation = normalize_record(record)  # valid for alignment and the store
+    assert [t.role for t in conversation.turns] == [GLOBAL, GLOBAL, LANDMARK, NOISE, GLOBAL]
+    assert record["images"] == [a, a, b]
+    assert record["conversations"][3]["value"] == "<image><image>Compare"
+    shown = display_messages(turns)
+    assert shown[0]["content"] == [{"path": a}, "What color?"]
+    assert "[noise]" in shown[2]["content"][-1]
+    assert turns_table(turns)[2][2] == "noise"
+
+
+def test_api_history_formats():
+    turns = history_from_api([{"role": "user", "content": "hi"}, {"from": "gpt", "value": "hello"},
+                              {"role": "user", "content": "lol", "semantic_type": "NOISE"}])
+    assert [(t.speaker, t.hsa_role) for t in turns] == [("user", GLOBAL), ("assistant", LANDMARK), ("user", NOISE)]
+    assert history_from_api(json.dumps([{"role": "user", "content": "x"}]))[0].text == "x"
+    with pytest.raises(ChatInputError, match="message 0"):
+        history_from_api([{"role": "robot", "content": "x"}])
+
+
+def test_model_pool_keeps_at_most_its_budget():
+    loads = []
+    pool = ModelPool(lambda name, adapter: loads.append((name, adapter)) or (name, adapter), budget=2)
+    pool.get("a"), pool.get("b"), pool.get("a"), pool.get("c")
+    assert pool.loaded() == [("a", None), ("c", None)]  # b was the least recently used
+    pool.get("b", "adapter")
+    assert loads == [("a", None), ("b", None), ("c", None), ("b", "adapter")]
+    assert len(pool.loaded()) == 2
+
+
+def test_finished_runs_are_found_by_their_adapters(tmp_path):
+    adapter = tmp_path / "run-1" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    checkpoint = tmp_path / "run-1" / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    assert finished_runs(tmp_path) == {"run: run-1": ("/models/base", str(adapter))}

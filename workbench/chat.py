@@ -1,0 +1,199 @@
+"""The Chat tab's logic without the UI: a conversation of turns (text, images, an HSA role each),
+the models it talks to (a small pool with a memory budget), and checks on what people send.
+
+A conversation is kept as our own turns, not as the Chatbot's display value: each turn carries its
+role for HSA and, for replies, the model and decoding settings that produced it."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from models.hsa import GLOBAL, LANDMARK, ROLE_NAMES, parse_role
+from workbench.align import IMAGE_PLACEHOLDER
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_ROLES = {"system": GLOBAL, "user": GLOBAL, "assistant": LANDMARK}
+
+
+class ChatInputError(ValueError):
+    """Something a person sent that cannot be answered; the message says what."""
+
+
+@dataclass
+class ChatTurn:
+    speaker: str  # system / user / assistant
+    text: str
+    images: list[str] = field(default_factory=list)
+    role: int | None = None  # HSA role; None: the speaker's default
+    model: str | None = None  # for replies: which model answered
+    settings: dict | None = None  # for replies: the decoding settings used
+
+    @property
+    def hsa_role(self) -> int:
+        return DEFAULT_ROLES[self.speaker] if self.role is None else self.role
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ChatTurn":
+        return cls(**data)
+
+
+def check_image(path: str) -> str:
+    """An image a person attached: refused with a reason if missing, unreadable or huge."""
+    from PIL import Image
+
+    file = Path(path)
+    if not file.is_file():
+        raise ChatInputError(f"the image {file.name} is missing")
+    if file.stat().st_size > MAX_IMAGE_BYTES:
+        raise ChatInputError(f"the image {file.name} is {file.stat().st_size / 2**20:.0f} MB; the limit is "
+                             f"{MAX_IMAGE_BYTES // 2**20} MB")
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ChatInputError(f"the image {file.name} is {width}x{height} pixels; the limit is "
+                                     f"{MAX_IMAGE_PIXELS} pixels")
+            image.verify()
+    except ChatInputError:
+        raise
+    except Exception as error:  # PIL raises several kinds for a broken file
+        raise ChatInputError(f"the file {file.name} is not a readable image ({error})") from None
+    return str(file)
+
+
+def user_turn(message: dict | str | None, role=None) -> ChatTurn:
+    """A MultimodalTextbox value ({"text", "files"}) as a user turn, checked."""
+    if isinstance(message, str):
+        message = {"text": message, "files": []}
+    message = message or {}
+    text = (message.get("text") or "").strip()
+    files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else str(f))
+             for f in message.get("files") or []]
+    if not text and not files:
+        raise ChatInputError("the message is empty: type a question or attach an image")
+    if not text:
+        raise ChatInputError("add a question to go with the image")
+    images = [check_image(f) for f in files]
+    return ChatTurn("user", text, images, None if role in (None, "") else parse_role(role))
+
+
+def to_record(turns: list[ChatTurn], system: str | None = None) -> dict:
+    """The conversation as a ShareGPT record: images become `<image>` placeholders before their
+    turn's text, roles become `semantic_type`."""
+    record: dict = {"conversations": [], "images": []}
+    if system and system.strip():
+        record["system"] = system.strip()
+    for turn in turns:
+        value = IMAGE_PLACEHOLDER * len(turn.images) + turn.text
+        record["conversations"].append({"from": {"user": "human", "assistant": "gpt"}.get(turn.speaker, turn.speaker),
+                                        "value": value, "semantic_type": turn.hsa_role})
+        record["images"].extend(turn.images)
+    return record
+
+
+def history_from_api(history) -> list[ChatTurn]:
+    """History given to the API: a list of {"role", "content"} or {"from", "value"} dicts (text)."""
+    if history in (None, "", []):
+        return []
+    if isinstance(history, str):
+        history = json.loads(history)
+    if not isinstance(history, list):
+        raise ChatInputError("history must be a list of {role, content} messages")
+    turns = []
+    for i, message in enumerate(history):
+        if not isinstance(message, dict):
+            raise ChatInputError(f"history message {i} must be an object")
+        speaker = message.get("role", message.get("from"))
+        speaker = {"human": "user", "gpt": "assistant"}.get(speaker, speaker)
+        text = message.get("content", message.get("value"))
+        if speaker not in DEFAULT_ROLES or not isinstance(text, str):
+            raise ChatInputError(f"history message {i} needs role user/assistant/system and text content")
+        role = message.get("semantic_type", message.get("hsa_role"))
+        turns.append(ChatTurn(speaker, text, [], None if role is None else parse_role(role)))
+    return turns
+
+
+def display_messages(turns: list[ChatTurn]) -> list[dict]:
+    """The Chatbot's value: images shown in their turn, noise turns marked."""
+    messages = []
+    for turn in turns:
+        if turn.speaker == "system":
+            continue
+        content = [{"path": image} for image in turn.images]
+        text = turn.text
+        if turn.hsa_role != DEFAULT_ROLES[turn.speaker]:
+            text = f"{text}\n\n*[{ROLE_NAMES[turn.hsa_role]}]*"
+        content.append(text)
+        messages.append({"role": turn.speaker, "content": content})
+    return messages
+
+
+def turns_table(turns: list[ChatTurn]) -> list[list]:
+    """One row per turn: number, speaker, HSA role, text, images, model and settings of replies."""
+    rows = []
+    for i, turn in enumerate(turns):
+        settings = ""
+        if turn.settings:
+            settings = ", ".join(f"{k}={v}" for k, v in turn.settings.items() if v not in (None, ""))
+        rows.append([i, turn.speaker, ROLE_NAMES[turn.hsa_role], turn.text[:80], len(turn.images),
+                     turn.model or "", settings])
+    return rows
+
+
+TABLE_HEADERS = ["#", "speaker", "HSA role", "text", "images", "model", "settings"]
+
+
+class ModelPool:
+    """Loaded models shared by all sessions, at most `budget` at once (least recently used leaves).
+    `loader(name, adapter)` returns (model, processor)."""
+
+    def __init__(self, loader, budget: int = 2):
+        self.loader, self.budget = loader, max(1, budget)
+        self._models: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str, adapter: str | None = None):
+        key = (name, adapter or None)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            while len(self._models) >= self.budget:
+                self._models.popitem(last=False)
+            loaded = self.loader(name, adapter)
+            self._models[key] = loaded
+            return loaded
+
+    def loaded(self) -> list[tuple[str, str | None]]:
+        with self._lock:
+            return list(self._models)
+
+
+def finished_runs(runs_dir: Path) -> dict[str, tuple[str, str]]:
+    """Runs that left a PEFT adapter: label -> (base model, adapter directory)."""
+    found = {}
+    for adapter_config in sorted(Path(runs_dir).glob("*/**/adapter_config.json")):
+        adapter = adapter_config.parent
+        if "checkpoint-" in adapter.name:
+            continue
+        try:
+            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if base:
+            run = adapter.relative_to(runs_dir).parts[0]
+            found[f"run: {run}"] = (base, str(adapter))
+    return found
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

@@ -1,0 +1,246 @@
+"""The Chat tab: several turns with images against the default model, any checkpoint or a finished
+run's adapter, streaming, with an HSA role per turn, side by side with a second model if asked."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+
+import gradio as gr
+
+from models.hsa import ROLE_NAMES
+from workbench.chat import (TABLE_HEADERS, ChatInputError, ChatTurn, ModelPool, display_messages,
+                            finished_runs, history_from_api, is_out_of_memory, to_record, turns_table,
+                            user_turn)
+from workbench.ui.context import AppContext
+
+NONE = "(none)"
+ROLE_CHOICES = [ROLE_NAMES[r] for r in sorted(ROLE_NAMES)]
+
+
+class ChatBackend:
+    """The functions the tab wires together; plain values in, plain values out."""
+
+    def __init__(self, ctx: AppContext, budget: int = 2):
+        self.ctx = ctx
+        self.pool = ModelPool(self._load, budget=budget)
+
+    def _load(self, name: str, adapter: str | None):
+        from models.vlm import load_vlm
+
+        return load_vlm(name, adapter=adapter)
+
+    def model_choices(self) -> list[str]:
+        return ["default", *finished_runs(self.ctx.runs_dir)]
+
+    def resolve(self, choice: str) -> tuple[str, str | None]:
+        runs = finished_runs(self.ctx.runs_dir)
+        if choice in runs:
+            return runs[choice]
+        return self.ctx.resolve_model(choice), None
+
+    def model(self, choice: str):
+        name, adapter = self.resolve(choice)
+        return self.pool.get(name, adapter)
+
+    def stream(self, choice: str, turns: list[ChatTurn], system: str, settings, use_hsa: bool):
+        """Pieces of the reply of `choice` to `turns` (which end with a user turn)."""
+        from models.vlm import stream_reply
+
+        model, processor = self.model(choice)
+        record = to_record(turns, system)
+        yield from stream_reply(model, processor, record, settings=settings, hsa=use_hsa or False)
+
+    def reply(self, choice: str, turns: list[ChatTurn], system: str, settings, use_hsa: bool) -> str:
+        return "".join(self.stream(choice, turns, system, settings, use_hsa))
+
+
+def make_settings(mode, max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed):
+    from models.vlm import GenerationSettings
+
+    return GenerationSettings(mode=mode, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                              top_p=float(top_p), top_k=int(top_k), num_beams=int(num_beams),
+                              repetition_penalty=float(repetition_penalty),
+                              seed=int(seed) if seed not in (None, "", -1) else None)
+
+
+def build(ctx: AppContext, backend: ChatBackend | None = None) -> None:
+    backend = backend or ChatBackend(ctx)
+    state = gr.State({"a": [], "b": []})
+    with gr.Row():
+        model_a = gr.Dropdown(backend.model_choices(), value="default", allow_custom_value=True, scale=3,
+                              label="Model (default, a finished run, a path or a hub id)", elem_id="chat-model")
+        model_b = gr.Dropdown([NONE, *backend.model_choices()], value=NONE, allow_custom_value=True, scale=3,
+                              label="Compare with", elem_id="chat-compare")
+        refresh = gr.Button("↻ runs", scale=0, size="sm")
+        use_hsa = gr.Checkbox(True, label="HSA at inference (turn roles → semantic_ids)", scale=2)
+    with gr.Accordion("Decoding", open=False):
+        with gr.Row():
+            mode = gr.Radio(["greedy", "sample", "beam"], value="greedy", label="Mode")
+            max_new_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens")
+            repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+        with gr.Row():
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sample)")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sample)")
+            top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (sample)")
+            num_beams = gr.Slider(2, 8, value=4, step=1, label="Beams (beam)")
+            seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
+    system = gr.Textbox("", label="System prompt (GLOBAL)", lines=1, placeholder="optional")
+    with gr.Row():
+        chat_a = gr.Chatbot(label="Model", height=460, elem_id="chat-a", buttons=["copy"])
+        chat_b = gr.Chatbot(label="Compare", height=460, visible=False, elem_id="chat-b", buttons=["copy"])
+    with gr.Row():
+        message = gr.MultimodalTextbox(placeholder="Ask about an image (attach one or more)…", file_types=["image"],
+                                       file_count="multiple", show_label=False, scale=5, stop_btn=True,
+                                       elem_id="chat-input")
+        role = gr.Radio(ROLE_CHOICES, value="global", label="Role of this message", scale=1)
+    with gr.Row():
+        regenerate = gr.Button("Regenerate", size="sm")
+        edit_last = gr.Button("Edit last message", size="sm")
+        clear = gr.Button("Clear", size="sm")
+    status = gr.Markdown(elem_id="chat-status")
+    with gr.Accordion("Turns, roles and settings", open=False):
+        table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
+        with gr.Row():
+            turn_index = gr.Number(0, precision=0, label="Turn #", minimum=0)
+            turn_role = gr.Radio(ROLE_CHOICES, value="noise", label="Mark as")
+            apply_role = gr.Button("Apply", size="sm")
+        with gr.Row():
+            dataset = gr.Textbox("chat", label="Annotation dataset", scale=3)
+            to_annotate = gr.Button("Send to Annotate", scale=1)
+    decoding = [mode, max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed]
+
+    def views(st):
+        return display_messages(st["a"]), display_messages(st["b"]), turns_table(st["a"])
+
+    def add_message(value, role_value, st):
+        st = copy.deepcopy(st)
+        try:
+            turn = user_turn(value, role_value)
+        except ChatInputError as error:
+            gr.Warning(str(error))
+            return (*views(st), st, gr.skip(), f"**Not sent:** {error}")
+        st["a"].append(turn)
+        st["b"].append(copy.deepcopy(turn))
+        return (*views(st), st, gr.MultimodalTextbox(value=None, interactive=False), "")
+
+    def respond(st, choice_a, choice_b, system_value, hsa_on, *decoding_values, progress=gr.Progress()):
+        st = copy.deepcopy(st)
+        if not st["a"] or st["a"][-1].speaker != "user":
+            yield (*views(st), st, "")
+            return
+        try:
+            settings = make_settings(*decoding_values)
+        except ValueError as error:
+            yield (*views(st), st, f"**Cannot decode:** {error}")
+            return
+        sides = [("a", choice_a)] + ([("b", choice_b)] if choice_b and choice_b != NONE else [])
+        for side, choice in sides:
+            history = st[side]
+            progress(0.1, desc=f"loading {choice}")
+            try:
+                backend.model(choice)
+            except Exception as error:  # shown to the person; the session stays usable
+                yield (*views(st), st, f"**Cannot load {choice}:** {error}")
+                return
+            reply = ChatTurn("assistant", "", model=choice, settings=asdict(settings) | {"hsa": bool(hsa_on)})
+            history.append(reply)
+            try:
+                for piece in backend.stream(choice, history[:-1], system_value, settings, hsa_on):
+                    reply.text += piece
+                    yield (*views(st), st, f"{choice} is answering…")
+            except Exception as error:
+                history.pop()
+                reason = "ran out of memory" if is_out_of_memory(error) else f"failed: {error}"
+                yield (*views(st), st, f"**{choice} {reason}.** Try fewer tokens, a smaller image or model.")
+                return
+        yield (*views(st), st, "")
+
+    def drop_last_reply(st):
+        st = copy.deepcopy(st)
+        for side in ("a", "b"):
+            while st[side] and st[side][-1].speaker == "assistant":
+                st[side].pop()
+        return (*views(st), st)
+
+    def take_back_last(st):
+        st = copy.deepcopy(st)
+        last = None
+        for side in ("a", "b"):
+            while st[side]:
+                turn = st[side].pop()
+                if turn.speaker == "user":
+                    last = last or turn
+                    break
+        value = {"text": last.text, "files": last.images} if last else None
+        return (*views(st), st, value)
+
+    def set_role(st, index, role_value):
+        st = copy.deepcopy(st)
+        index = int(index or 0)
+        if not 0 <= index < len(st["a"]):
+            gr.Warning(f"there is no turn {index}")
+            return (*views(st), st)
+        for side in ("a", "b"):
+            if index < len(st[side]):
+                st[side][index].role = ROLE_CHOICES.index(role_value)
+        return (*views(st), st)
+
+    def send_to_annotate(st, system_value, dataset_name):
+        from workbench.store import Store, import_records
+
+        if not st["a"]:
+            return "**Nothing to send:** the conversation is empty."
+        record = to_record(st["a"], system_value)
+        with Store(ctx.db_path) as store:
+            report = import_records(store, dataset_name or "chat", [("chat", record)], base_dir=ctx.workspace,
+                                    author="chat", source="chat")
+        if report.errors:
+            return f"**Not saved:** {report.errors[0]}"
+        return f"Saved to dataset **{dataset_name or 'chat'}** in the annotation store."
+
+    shown = [chat_a, chat_b, table]
+    send = message.submit(add_message, [message, role, state], [*shown, state, message, status])
+    reply_event = send.then(respond, [state, model_a, model_b, system, use_hsa, *decoding],
+                            [*shown, state, status])
+    reply_event.then(lambda: gr.MultimodalTextbox(interactive=True), None, message)
+    message.stop(None, None, None, cancels=[reply_event])
+    regen = regenerate.click(drop_last_reply, state, [*shown, state]).then(
+        respond, [state, model_a, model_b, system, use_hsa, *decoding], [*shown, state, status])
+    edit_last.click(take_back_last, state, [*shown, state, message])
+    for clearing in (clear.click, chat_a.clear, chat_b.clear):  # the Chatbots' own trash buttons too
+        clearing(lambda: ([], [], [], {"a": [], "b": []}, ""), None, [*shown, state, status])
+    apply_role.click(set_role, [state, turn_index, turn_role], [*shown, state])
+    to_annotate.click(send_to_annotate, [state, system, dataset], status)
+    model_b.change(lambda choice: gr.Chatbot(visible=choice not in (None, "", NONE)), model_b, chat_b)
+    refresh.click(lambda: (gr.Dropdown(choices=backend.model_choices()),
+                           gr.Dropdown(choices=[NONE, *backend.model_choices()])), None, [model_a, model_b])
+    _ = regen
+
+    # Scripting: Client(url).predict({"text": ..., "files": [handle_file(...)]}, api_name="/chat")
+    with gr.Row(visible=False):
+        api_message = gr.MultimodalTextbox(file_types=["image"], file_count="multiple")
+        api_history = gr.JSON([])
+        api_model = gr.Textbox("default")
+        api_settings = gr.JSON({})
+        api_reply = gr.Textbox()
+        api_button = gr.Button()
+
+    def chat_api(message_value, history, model_choice, settings_value):
+        """Reply of a model (default: the embedded default) to one message with images, after an
+        optional text history [{"role", "content"}]; settings: GenerationSettings fields + "hsa"."""
+        try:
+            turns = history_from_api(history) + [user_turn(message_value)]
+            options = dict(settings_value or {})
+            if isinstance(settings_value, str):
+                options = json.loads(settings_value)
+            hsa_on = bool(options.pop("hsa", True))
+            system_value = options.pop("system", "")
+            from models.vlm import GenerationSettings
+
+            settings = GenerationSettings(**options)
+        except (ChatInputError, ValueError, TypeError) as error:
+            raise gr.Error(str(error)) from None
+        return backend.reply(model_choice or "default", turns, system_value, settings, hsa_on)
+
+    api_button.click(chat_api, [api_message, api_history, api_model, api_settings], api_reply, api_name="chat")
