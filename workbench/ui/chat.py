@@ -51,9 +51,6 @@ class ChatBackend:
         record = to_record(turns, system)
         yield from stream_reply(model, processor, record, settings=settings, hsa=use_hsa or False)
 
-    def reply(self, choice: str, turns: list[ChatTurn], system: str, settings, use_hsa: bool) -> str:
-        return "".join(self.stream(choice, turns, system, settings, use_hsa))
-
 
 def make_settings(mode, max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed):
     from models.vlm import GenerationSettings
@@ -241,6 +238,12 @@ def build(ctx: AppContext, backend: ChatBackend | None = None) -> None:
             settings = GenerationSettings(**options)
         except (ChatInputError, ValueError, TypeError) as error:
             raise gr.Error(str(error)) from None
-        return backend.reply(model_choice or "default", turns, system_value, settings, hsa_on)
+        # A generator: predict() returns the whole reply, submit() streams the growing text.
+        text = ""
+        for piece in backend.stream(model_choice or "default", turns, system_value, settings, hsa_on):
+            text += piece
+            yield text
+        if not text:
+            yield ""
 
     api_button.click(chat_api, [api_message, api_history, api_model, api_settings], api_reply, api_name="chat")
