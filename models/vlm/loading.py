@@ -1,0 +1,83 @@
+"""Loading any Hugging Face image-text-to-text model with its processor, HSA attention, an optional
+PEFT adapter and optional bitsandbytes quantization."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
+
+from .processor import load_processor
+
+QUANTIZATIONS = (None, "4bit", "8bit")
+
+
+class VLMLoadError(RuntimeError):
+    """A model, processor or adapter that cannot be loaded; the message says which and why."""
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _quantization_config(quantization):
+    if quantization not in QUANTIZATIONS:
+        raise VLMLoadError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization is None:
+        return None
+    if not torch.cuda.is_available():
+        raise VLMLoadError(f"{quantization} quantization (bitsandbytes) needs a CUDA GPU; none is available")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_vlm(path_or_hub_id: str | Path, *, attn_implementation: str = "hsa", adapter: str | Path | None = None,
+             quantization: str | None = None, device=None, dtype: torch.dtype | None = None):
+    """(model, processor) for a local directory or hub id of an image-text-to-text model.
+
+    On CPU the weights load as float32 (whatever they are stored in); on a GPU as bfloat16.
+    `adapter` is a PEFT adapter directory put on top; `quantization` is "4bit"/"8bit" (GPU only).
+    Raises VLMLoadError with the reason when something cannot be loaded."""
+    from transformers import AutoModelForImageTextToText
+
+    source = str(path_or_hub_id)
+    target = _device(device)
+    quantization_config = _quantization_config(quantization)
+    if dtype is None:
+        dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    try:
+        processor = load_processor(source)
+    except Exception as error:
+        raise VLMLoadError(f"cannot load the processor of {source!r}: {error}") from error
+    kwargs = {"attn_implementation": attn_implementation, "dtype": dtype}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": target.index or 0})
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except Exception as error:
+        raise VLMLoadError(f"cannot load {source!r} as an image-text-to-text model "
+                           f"(attn_implementation={attn_implementation!r}): {error}") from error
+    if quantization_config is None:
+        model.to(target)
+    if adapter is not None:
+        try:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except Exception as error:
+            raise VLMLoadError(f"cannot load the adapter {str(adapter)!r} onto {source!r}: {error}") from error
+    model.eval()
+    return model, processor
+
+
+def uses_hsa(model) -> bool:
+    """Whether the model's attention applies the HSA rule (so generation should pass semantic_ids)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == models.hsa.IMPLEMENTATION

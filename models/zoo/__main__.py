@@ -1,0 +1,83 @@
+"""`python -m models.zoo build | eval | experiment | export`: the embedded default VLM's commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_build = sub.add_parser("build", help="train the default VLM from nothing on the shapes task (CPU)")
+    p_build.add_argument("--steps", type=int, default=None, help="training steps (default: the build's own)")
+    p_build.add_argument("--batch-size", type=int, default=None)
+    p_build.add_argument("--seed", type=int, default=0)
+    p_build.add_argument("--out", type=Path, default=None, help="output directory (default: models/zoo/default_vlm)")
+    p_build.add_argument("--no-hsa", action="store_true", help="train with plain attention, no semantic_ids")
+    p_build.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads (default: torch's; use 1 when the cores are shared)")
+
+    p_eval = sub.add_parser("eval", help="accuracy on fresh held-out shapes conversations (greedy decoding)")
+    p_eval.add_argument("--n", type=int, default=100, help="number of conversations")
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--model", default=None, help="model directory or hub id (default: the embedded one)")
+    p_eval.add_argument("--noise", choices=["clean", "train", "heavy"], default="clean",
+                        help="NOISE turns in the conversations: none, as in training, or heavier with unseen kinds")
+    p_eval.add_argument("--attn", default=None, help="attention implementation (default: hsa if the model was trained with it)")
+
+    p_exp = sub.add_parser("experiment", help="the HSA experiment: same tiny VLM trained with and without HSA")
+    p_exp.add_argument("--steps", type=int, default=None)
+    p_exp.add_argument("--seeds", type=int, default=None, help="training seeds per arm")
+    p_exp.add_argument("--n", type=int, default=None, help="held-out conversations per evaluation")
+    p_exp.add_argument("--out", type=Path, default=None)
+
+    p_export = sub.add_parser("export", help="write a shapes dataset as ShareGPT / LLaMA-Factory JSON + PNGs")
+    p_export.add_argument("out", type=Path)
+    p_export.add_argument("--n", type=int, default=100)
+    p_export.add_argument("--seed", type=int, default=0)
+    p_export.add_argument("--name", default="shapes")
+    p_export.add_argument("--noise", choices=["clean", "train", "heavy"], default="train")
+
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        from .build import DEFAULT_DIR, BuildSettings, build
+
+        settings = BuildSettings(seed=args.seed, hsa=not args.no_hsa, threads=args.threads)
+        if args.steps is not None:
+            settings.steps = args.steps
+            settings.warmup_steps = min(settings.warmup_steps, max(1, args.steps // 10))
+        if args.batch_size is not None:
+            settings.batch_size = args.batch_size
+        build(settings, args.out or DEFAULT_DIR)
+        return 0
+    if args.command == "eval":
+        from .evaluate import NOISE_PRESETS, evaluate_model, print_report
+
+        result = evaluate_model(args.model, n=args.n, seed=args.seed, noise=NOISE_PRESETS[args.noise],
+                                attn_implementation=args.attn, progress=True)
+        print_report(result)
+        return 0
+    if args.command == "experiment":
+        from .experiment import ExperimentSettings, run_experiment
+
+        settings = ExperimentSettings()
+        for name in ("steps", "seeds", "n"):
+            if getattr(args, name) is not None:
+                setattr(settings, name, getattr(args, name))
+        run_experiment(settings, args.out)
+        return 0
+    if args.command == "export":
+        from . import shapes
+        from .evaluate import NOISE_PRESETS
+
+        samples = shapes.generate(args.n, seed=args.seed, noise=NOISE_PRESETS[args.noise])
+        path = shapes.export_sharegpt(samples, args.out, args.name)
+        print(f"wrote {len(samples)} conversations to {path}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The default VLM: a tiny Qwen2-VL trained from nothing on the shapes task, on a CPU.
+
+`build(BuildSettings(...), out_dir)` makes the tokenizer and processor, initialises a
+`Qwen2VLForConditionalGeneration` from a small config, trains it on freshly generated shapes
+conversations (batches from `workbench.align.HSACollator`, so the roles reach the attention as
+`semantic_ids`), and saves model + processor with `save_pretrained`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
+from workbench.align import HSACollator
+
+from . import shapes
+from .processor import SPECIAL_TOKENS, build_processor
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "default_vlm"
+
+
+@dataclass
+class ModelSize:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 384
+    vision_dim: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+
+
+@dataclass
+class BuildSettings:
+    steps: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to the language model's
+    seed: int = 0
+    hsa: bool = True  # train with attn_implementation="hsa" and semantic_ids
+    noise: shapes.NoiseSpec = shapes.TRAIN_NOISE
+    size: ModelSize = field(default_factory=ModelSize)
+    threads: int | None = None  # torch threads; None keeps torch's default
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["noise"] = {"rate": self.noise.rate, "kinds": list(self.noise.kinds), "max_run": self.noise.max_run}
+        return d
+
+
+def model_config(tokenizer, size: ModelSize) -> Qwen2VLConfig:
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    head_dim = size.hidden_size // size.heads
+    # M-RoPE splits each head's rotary frequencies into temporal / height / width sections
+    # in Qwen2-VL's proportions (16, 24, 24 of 64)
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    mrope_section = [temporal, height, half - temporal - height]
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
+            num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 10000.0}),
+        vision_config=dict(
+            depth=size.vision_depth, embed_dim=size.vision_dim, hidden_size=size.hidden_size,
+            num_heads=size.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def new_model(processor, size: ModelSize, *, seed: int = 0, hsa: bool = True) -> Qwen2VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(model_config(processor.tokenizer, size))
+    model.set_attn_implementation("hsa" if hsa else "sdpa")
+    model.generation_config.eos_token_id = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model
+
+
+def training_batches(processor, settings: BuildSettings):
+    """Endless batches of fresh conversations (a pure function of the seed)."""
+    collate = HSACollator(processor)
+    index = 0
+    while True:
+        samples = [shapes.make_conversation(random.Random(shapes.conversation_seed("train", settings.seed, index + j)),
+                                            noise=settings.noise)
+                   for j in range(settings.batch_size)]
+        index += settings.batch_size
+        yield collate([s.record for s in samples])
+
+
+def learning_rate(step: int, settings: BuildSettings) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(settings: BuildSettings, *, processor=None, progress: bool = True, log=None):
+    """Train a fresh model; returns (model, processor, history of (step, loss))."""
+    from tqdm import tqdm
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    processor = processor or build_processor()
+    model = new_model(processor, settings.size, seed=settings.seed, hsa=settings.hsa)
+    model.train()
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        decays = param.ndim >= 2 and "embed_tokens" not in name
+        groups.setdefault(("visual" in name, decays), []).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "weight_decay": settings.weight_decay if decays else 0.0,
+          "lr_scale": settings.vision_lr_scale if visual else 1.0}
+         for (visual, decays), params in groups.items()],
+        lr=settings.learning_rate, betas=(0.9, 0.98))
+    history = []
+    batches = training_batches(processor, settings)
+    bar = tqdm(range(settings.steps), desc="hsa" if settings.hsa else "plain", disable=not progress,
+               dynamic_ncols=True)
+    smoothed = None
+    for step in bar:
+        batch = next(batches)
+        if not settings.hsa:
+            batch.pop("semantic_ids")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings) * group["lr_scale"]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        history.append((step, value))
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        bar.set_postfix(loss=f"{smoothed:.3f}")
+        if log is not None and (step % 50 == 0 or step == settings.steps - 1):
+            log(f"step {step} loss {value:.4f} smoothed {smoothed:.4f}")
+    model.eval()
+    return model, processor, history
+
+
+def save(model, processor, out_dir: str | Path, settings: BuildSettings, history) -> Path:
+    """save_pretrained in bfloat16 (loads as float32 with dtype=torch.float32), plus the build record."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.hsa_trained = settings.hsa  # read by models.vlm to pick the attention default
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    model.to(torch.float32)
+    processor.save_pretrained(out_dir)
+    (out_dir / "build.json").write_text(json.dumps(
+        {"settings": settings.to_dict(), "final_loss": history[-1][1] if history else None,
+         "loss_every_50": [round(loss, 4) for step, loss in history if step % 50 == 0]}, indent=1))
+    return out_dir
+
+
+def build(settings: BuildSettings, out_dir: str | Path = DEFAULT_DIR, *, progress: bool = True) -> Path:
+    start = time.monotonic()
+    model, processor, history = train(settings, progress=progress)
+    path = save(model, processor, out_dir, settings, history)
+    if progress:
+        print(f"saved {path} after {time.monotonic() - start:.0f} s (final loss {history[-1][1]:.4f})")
+    return path
