@@ -39,6 +39,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB_SIZE = 640
+# Pixel normalisation centred on the white background: a blank region becomes zeros, so the patch
+# embedding (a convolution without bias) responds to the shapes alone. With CLIP's statistics the
+# mostly-white images are far from zero mean, the first layer's updates all go into that common
+# direction, and the vision tower loses colour within a few dozen steps.
+IMAGE_MEAN = [1.0, 1.0, 1.0]
+IMAGE_STD = [0.5, 0.5, 0.5]
 # One 56x56 image: 4x4 patches of 14 pixels, merged 2x2 into 4 tokens.
 IMAGE_PIXELS = shapes.IMAGE_SIZE * shapes.IMAGE_SIZE
 
@@ -75,5 +81,6 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE, seed: int = 0) -> PreTrainedTo
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> PaddleOCRVLProcessor:
     tokenizer = tokenizer or build_tokenizer()
     image_processor = qwen_image_processor(min_pixels=IMAGE_PIXELS, max_pixels=IMAGE_PIXELS, patch_size=14,
-                                           merge_size=2, temporal_patch_size=2)
+                                           merge_size=2, temporal_patch_size=2, image_mean=IMAGE_MEAN,
+                                           image_std=IMAGE_STD)
     return PaddleOCRVLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)

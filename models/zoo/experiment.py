@@ -1,0 +1,191 @@
+"""The HSA experiment: the same tiny VLM trained twice, identical but for HSA, then both asked the
+same held-out questions with more, and unseen kinds of, misleading NOISE turns.
+
+Arms: "hsa" trains and answers with attn_implementation="hsa" and semantic_ids; "plain" with SDPA
+and no roles. Same seeds, data, steps, initial weights. Training data has NOISE turns of the
+training kinds (chit-chat, false claims) before 30% of the questions.
+
+Evaluation conditions, on the same held-out conversations per seed:
+- clean:          no NOISE at all
+- train-noise:    NOISE as in training
+- heavy:          NOISE before every question, 1-3 items, including kinds never seen in training
+                  (fake earlier answers to the same question, false claims inside the question turn
+                  as a NOISE span, instructions to lie)
+- heavy-removed:  the heavy conversations with every NOISE turn and span deleted. Against "heavy"
+                  it separates what the noise's content does from what its mere length does: for
+                  the HSA arm the noise is invisible, so any gap is the position shift of the
+                  tokens after it (RoPE positions still count the hidden tokens).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import shapes
+from .build import BuildSettings, train
+from .evaluate import evaluate, held_out
+
+OUT_DIR = Path(__file__).resolve().parent / "experiment"
+CONDITIONS = ("clean", "train-noise", "heavy", "heavy-removed")
+# two-sided 95% Student t quantiles by degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass
+class ExperimentSettings:
+    steps: int = 500
+    seeds: int = 3
+    n: int = 30  # held-out conversations per condition and seed
+    batch_size: int = 16
+    train_noise: shapes.NoiseSpec = shapes.TRAIN_NOISE
+    heavy_noise: shapes.NoiseSpec = shapes.HEAVY_NOISE
+    threads: int | None = 1  # the cores are shared; one thread keeps a run's speed predictable
+    arms: tuple[str, ...] = ("hsa", "plain")
+    extra: dict = field(default_factory=dict)
+
+
+def strip_noise(sample: shapes.Sample) -> shapes.Sample:
+    """The same conversation without its NOISE turns and NOISE spans."""
+    turns = []
+    for turn in sample.record["conversations"]:
+        if turn["semantic_type"] == shapes.NOISE:
+            continue
+        turn = dict(turn)
+        spans = turn.pop("spans", [])
+        for span in sorted(spans, key=lambda s: -s["start"]):  # from the end, so offsets stay valid
+            if span["role"] == shapes.NOISE:
+                turn["value"] = turn["value"][:span["start"]] + turn["value"][span["end"]:]
+        turns.append(turn)
+    image_turn = next(t for t in turns if "<image>" in t["value"])
+    if image_turn is not turns[0]:  # keep the image with the first question
+        image_turn["value"] = image_turn["value"].replace("<image>", "")
+        turns[0]["value"] = "<image>" + turns[0]["value"]
+    return shapes.Sample({**sample.record, "conversations": turns}, sample.scene, list(sample.qtypes))
+
+
+def conditions(n: int, seed: int, settings: ExperimentSettings) -> dict[str, list[shapes.Sample]]:
+    heavy = held_out(n, seed, settings.heavy_noise)
+    return {"clean": held_out(n, seed, shapes.CLEAN), "train-noise": held_out(n, seed, settings.train_noise),
+            "heavy": heavy, "heavy-removed": [strip_noise(s) for s in heavy]}
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95% Student-t interval over seeds."""
+    k = len(values)
+    mean = sum(values) / k
+    if k < 2:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
+    half = T_975.get(k - 1, 1.96) * sd / math.sqrt(k)
+    return mean, mean - half, mean + half
+
+
+def wilson(correct: int, total: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion (all questions of all seeds pooled)."""
+    if total == 0:
+        return float("nan"), float("nan")
+    z, p = 1.96, correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return centre - half, centre + half
+
+
+def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | None = None,
+                   progress: bool = True) -> dict:
+    settings = settings or ExperimentSettings()
+    out_dir = Path(out_dir or OUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    started = time.monotonic()
+    for seed in range(settings.seeds):
+        data = conditions(settings.n, 1000 + seed, settings)
+        for arm in settings.arms:
+            build = BuildSettings(steps=settings.steps, batch_size=settings.batch_size, seed=seed, hsa=arm == "hsa",
+                                  noise=settings.train_noise, threads=settings.threads,
+                                  warmup_steps=min(60, settings.steps // 10))
+            model, processor, history = train(build, progress=progress)
+            run = {"seed": seed, "arm": arm, "final_loss": history[-1][1], "conditions": {}}
+            for name, samples in data.items():
+                result = evaluate(model, processor, samples, hsa=arm == "hsa")
+                run["conditions"][name] = {**result.to_dict(), "correct": sum(g.correct for g in result.graded)}
+                if progress:
+                    print(f"seed {seed} {arm:<5} {name:<14} accuracy {result.accuracy:.3f}", flush=True)
+            runs.append(run)
+            # written after every run, so a long experiment can be inspected (and survives a stop)
+            write_results(out_dir, settings, runs, time.monotonic() - started)
+    summary = write_results(out_dir, settings, runs, time.monotonic() - started)
+    plot(summary, out_dir / "hsa_experiment.png")
+    if progress:
+        print_table(summary)
+    return summary
+
+
+def summarize(runs: list[dict], settings: ExperimentSettings) -> dict:
+    table = {}
+    for arm in settings.arms:
+        for name in CONDITIONS:
+            cells = [r["conditions"][name] for r in runs if r["arm"] == arm and name in r["conditions"]]
+            if not cells:
+                continue
+            mean, low, high = mean_interval([c["accuracy"] for c in cells])
+            correct, total = sum(c["correct"] for c in cells), sum(c["n_questions"] for c in cells)
+            table.setdefault(arm, {})[name] = {
+                "mean": mean, "ci95_seeds": [low, high], "ci95_pooled_wilson": list(wilson(correct, total)),
+                "per_seed": [c["accuracy"] for c in cells], "questions": total}
+    return table
+
+
+def write_results(out_dir: Path, settings: ExperimentSettings, runs: list[dict], seconds: float) -> dict:
+    summary = {"settings": {**asdict(settings), "train_noise": asdict(settings.train_noise),
+                            "heavy_noise": asdict(settings.heavy_noise)},
+               "seconds": round(seconds), "table": summarize(runs, settings), "runs": runs}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'arm':<6} {'condition':<14} {'accuracy':>9}  {'95% CI (seeds)':>17}  {'95% CI (pooled)':>17}")
+    for arm, rows in summary["table"].items():
+        for name, row in rows.items():
+            lo, hi = row["ci95_seeds"]
+            plo, phi = row["ci95_pooled_wilson"]
+            print(f"{arm:<6} {name:<14} {row['mean']:>9.3f}  [{lo:6.3f}, {hi:6.3f}]  [{plo:6.3f}, {phi:6.3f}]")
+
+
+def plot(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["table"]
+    arms = list(table)
+    names = [c for c in CONDITIONS if all(c in table[a] for a in arms)]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / max(1, len(arms))
+    colours = {"hsa": "#2a7ab9", "plain": "#d9822b"}
+    for k, arm in enumerate(arms):
+        xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(names))]
+        means = [table[arm][c]["mean"] for c in names]
+        lows = [max(0.0, m - table[arm][c]["ci95_seeds"][0]) if not math.isnan(table[arm][c]["ci95_seeds"][0]) else 0
+                for m, c in zip(means, names)]
+        highs = [max(0.0, table[arm][c]["ci95_seeds"][1] - m) if not math.isnan(table[arm][c]["ci95_seeds"][1]) else 0
+                 for m, c in zip(means, names)]
+        ax.bar(xs, means, width, yerr=[lows, highs], capsize=4, label=arm, color=colours.get(arm))
+        for x, m, c in zip(xs, means, names):
+            for v in table[arm][c]["per_seed"]:
+                ax.plot(x, v, "k.", markersize=4)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("answer accuracy (exact)")
+    s = summary["settings"]
+    ax.set_title(f"HSA vs plain attention, tiny Qwen2-VL, {s['steps']} steps, {s['seeds']} seeds "
+                 f"(bars: 95% CI over seeds)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
