@@ -1,0 +1,561 @@
+"""The annotation store: SQLite in WAL mode, one transaction per edit.
+
+Tables: datasets; conversations (a version number for optimistic concurrency, a `labelled` flag);
+turns (speaker, text, the turn's default role); spans (character offsets, Python code points, into
+one turn's text, each with a role); images (content-addressed files under `image_dir`); revisions
+(who, what, when, and the labels before and after: they back undo/redo).
+
+Every edit names the version it was made against. A save against an older version is refused with
+StaleVersionError and nothing changes, so two browser tabs cannot silently overwrite each other.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.hsa import parse_role, role_name
+from workbench.align import Conversation, Span, Turn
+
+from . import labels as L
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    source TEXT,
+    extra TEXT NOT NULL DEFAULT '{}',
+    search_text TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 1,
+    labelled INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL DEFAULT '',
+    UNIQUE (dataset_id, position)
+);
+CREATE TABLE IF NOT EXISTS turns (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    turn INTEGER NOT NULL,
+    speaker TEXT NOT NULL CHECK (speaker IN ('system', 'user', 'assistant')),
+    text TEXT NOT NULL,
+    role INTEGER NOT NULL CHECK (role IN (0, 1, 2)),
+    PRIMARY KEY (conversation_id, turn)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spans (
+    conversation_id INTEGER NOT NULL,
+    turn INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
+    role INTEGER NOT NULL CHECK (role IN (0, 1, 2)),
+    CHECK (0 <= start AND start < "end"),
+    PRIMARY KEY (conversation_id, turn, start),
+    FOREIGN KEY (conversation_id, turn) REFERENCES turns(conversation_id, turn) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS images (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    file TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revisions (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('import', 'edit', 'undo', 'redo')),
+    -- edits only: 0 = in effect, 1 = undone (can be redone), 2 = undone and superseded
+    state INTEGER NOT NULL DEFAULT 0,
+    action TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    before TEXT,
+    after TEXT
+);
+CREATE INDEX IF NOT EXISTS revisions_by_conversation ON revisions (conversation_id, kind, state);
+CREATE INDEX IF NOT EXISTS conversations_by_dataset ON conversations (dataset_id, position);
+"""
+
+
+class StoreError(ValueError):
+    """A request the store refuses; the message says why."""
+
+
+class NotFoundError(StoreError):
+    pass
+
+
+class StaleVersionError(StoreError):
+    """A save made against an older version of a conversation; the newer version is kept."""
+
+    def __init__(self, message: str, current_version: int):
+        super().__init__(message)
+        self.current_version = current_version
+
+
+# Labels of a conversation: per turn, its role and its canonical spans.
+Labels = list[tuple[int, list[Span]]]
+
+
+def labels_to_json(labels: Labels) -> str:
+    return json.dumps([[role, [[s.start, s.end, s.role] for s in spans]] for role, spans in labels])
+
+
+def labels_from_json(text: str) -> Labels:
+    return [(role, [Span(*s) for s in spans]) for role, spans in json.loads(text)]
+
+
+@dataclass
+class StoredConversation:
+    id: int
+    dataset: str
+    position: int
+    version: int
+    labelled: bool
+    turns: list[Turn]
+    images: list[Path]  # the stored files
+    extra: dict = field(default_factory=dict)
+    source: str | None = None
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+    def labels(self) -> Labels:
+        return [(t.role, list(t.spans)) for t in self.turns]
+
+    def as_conversation(self) -> Conversation:
+        """The align module's view: images as absolute paths (so no image_root is needed)."""
+        return Conversation([Turn(t.speaker, t.text, t.role, list(t.spans)) for t in self.turns],
+                            [str(p) for p in self.images], f"conversation {self.id}")
+
+
+@dataclass
+class ConversationSummary:
+    id: int
+    position: int
+    version: int
+    labelled: bool
+    preview: str
+
+
+@dataclass
+class Revision:
+    id: int
+    conversation_id: int
+    version: int
+    kind: str
+    state: int
+    action: str
+    author: str
+    created_at: float
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    total: int
+    labelled: int
+
+
+def _preview(turns) -> str:
+    for speaker, text in turns:
+        if speaker == "user":
+            return " ".join(text.split())[:80]
+    return " ".join(turns[0][1].split())[:80] if turns else ""
+
+
+class Store:
+    """The annotation database at `path` (created if missing); images live under `image_dir`
+    (default: an `images` folder beside the database)."""
+
+    def __init__(self, path, *, image_dir=None, synchronous: str = "FULL", busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.image_dir = Path(image_dir) if image_dir else self.path.parent / "images"
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF/NORMAL/FULL/EXTRA, got {synchronous!r}")
+        self.synchronous = synchronous.upper()
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        db = self._db()
+        db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+
+    # --- connections and transactions ---------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        """One connection per thread (Gradio runs handlers on worker threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _write(self, db=None):
+        """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so a read-check-write
+        sequence inside it cannot interleave with another writer."""
+        db = db or self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- datasets ----------------------------------------------------------------------------
+
+    def create_dataset(self, name: str) -> int:
+        """The id of dataset `name`, created if new."""
+        name = _dataset_name(name)
+        with self._write() as db:
+            return self._dataset_id(db, name, create=True)
+
+    def _dataset_id(self, db, name: str, create: bool = False) -> int:
+        row = db.execute("SELECT id FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row:
+            return row[0]
+        if not create:
+            raise NotFoundError(f"no dataset named {name!r}")
+        return db.execute("INSERT INTO datasets (name, created_at) VALUES (?, ?)", (name, time.time())).lastrowid
+
+    def datasets(self) -> list[DatasetInfo]:
+        rows = self._db().execute(
+            "SELECT d.name, COUNT(c.id), COALESCE(SUM(c.labelled), 0) FROM datasets d "
+            "LEFT JOIN conversations c ON c.dataset_id = d.id GROUP BY d.id ORDER BY d.name").fetchall()
+        return [DatasetInfo(*row) for row in rows]
+
+    def dataset(self, name: str) -> DatasetInfo:
+        for info in self.datasets():
+            if info.name == name:
+                return info
+        raise NotFoundError(f"no dataset named {name!r}")
+
+    def delete_dataset(self, name: str) -> None:
+        with self._write() as db:
+            dataset_id = self._dataset_id(db, name)
+            db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+
+    # --- adding conversations ----------------------------------------------------------------
+
+    def add_conversation(self, dataset: str, conversation: Conversation, *, images=(), extra=None,
+                         source: str | None = None, labelled: bool | None = None, author: str = "import") -> int:
+        """Store one validated conversation in its own transaction; `images` are (sha256, file)
+        pairs already in `image_dir` (see workbench.store.io)."""
+        with self._write() as db:
+            return self._insert(db, self._dataset_id(db, _dataset_name(dataset), create=True), conversation,
+                                images, extra, source, labelled, author)
+
+    @contextmanager
+    def batch(self, dataset: str):
+        """Many inserts in one transaction (for imports); yields `add(conversation, ...)`. Each record
+        sits in a savepoint, so a record that fails to insert leaves nothing behind."""
+        with self._write() as db:
+            dataset_id = self._dataset_id(db, _dataset_name(dataset), create=True)
+
+            def add(conversation, *, images=(), extra=None, source=None, labelled=None, author="import"):
+                db.execute("SAVEPOINT record")
+                try:
+                    cid = self._insert(db, dataset_id, conversation, images, extra, source, labelled, author)
+                except BaseException:
+                    db.execute("ROLLBACK TO record")
+                    db.execute("RELEASE record")
+                    raise
+                db.execute("RELEASE record")
+                return cid
+
+            yield add
+
+    def _insert(self, db, dataset_id, conversation: Conversation, images, extra, source, labelled, author) -> int:
+        now = time.time()
+        position = db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM conversations WHERE dataset_id = ?",
+                              (dataset_id,)).fetchone()[0]
+        turns = [(t.speaker, t.text) for t in conversation.turns]
+        search = "\n".join(text for _, text in turns).casefold()
+        spans = [L.canonical(t.spans) for t in conversation.turns]
+        if labelled is None:
+            labelled = any(spans)
+        cid = db.execute(
+            "INSERT INTO conversations (dataset_id, position, source, extra, search_text, version, labelled, "
+            "created_at, updated_at, updated_by) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+            (dataset_id, position, source, json.dumps(extra or {}, ensure_ascii=False), search, int(labelled),
+             now, now, author)).lastrowid
+        db.executemany("INSERT INTO turns (conversation_id, turn, speaker, text, role) VALUES (?, ?, ?, ?, ?)",
+                       [(cid, i, t.speaker, t.text, parse_role(t.role)) for i, t in enumerate(conversation.turns)])
+        db.executemany('INSERT INTO spans (conversation_id, turn, start, "end", role) VALUES (?, ?, ?, ?, ?)',
+                       [(cid, i, s.start, s.end, s.role) for i, ss in enumerate(spans) for s in ss])
+        db.executemany("INSERT INTO images (conversation_id, position, sha256, file) VALUES (?, ?, ?, ?)",
+                       [(cid, k, sha, str(file)) for k, (sha, file) in enumerate(images)])
+        after = [(parse_role(t.role), s) for t, s in zip(conversation.turns, spans)]
+        db.execute("INSERT INTO revisions (conversation_id, version, kind, action, author, created_at, after) "
+                   "VALUES (?, 1, 'import', ?, ?, ?, ?)",
+                   (cid, f"imported from {source}" if source else "imported", author, now, labels_to_json(after)))
+        return cid
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def conversation(self, conversation_id: int) -> StoredConversation:
+        db = self._db()
+        # One read transaction, so the turns, spans and version all come from the same commit.
+        db.execute("BEGIN")
+        try:
+            return self._read(db, conversation_id)
+        finally:
+            db.execute("COMMIT")
+
+    def _read(self, db, cid: int) -> StoredConversation:
+        row = db.execute(
+            "SELECT c.id, d.name, c.position, c.version, c.labelled, c.extra, c.source, c.updated_at, c.updated_by "
+            "FROM conversations c JOIN datasets d ON d.id = c.dataset_id WHERE c.id = ?", (cid,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no conversation with id {cid}")
+        spans: dict[int, list[Span]] = {}
+        for turn, start, end, role in db.execute(
+                'SELECT turn, start, "end", role FROM spans WHERE conversation_id = ? ORDER BY turn, start', (cid,)):
+            spans.setdefault(turn, []).append(Span(start, end, role))
+        turns = [Turn(speaker, text, role, spans.get(i, []))
+                 for i, speaker, text, role in db.execute(
+                     "SELECT turn, speaker, text, role FROM turns WHERE conversation_id = ? ORDER BY turn", (cid,))]
+        images = [self.image_dir / file for (file,) in db.execute(
+            "SELECT file FROM images WHERE conversation_id = ? ORDER BY position", (cid,))]
+        return StoredConversation(row[0], row[1], row[2], row[3], bool(row[4]), turns, images, json.loads(row[5]),
+                                  row[6], row[7], row[8])
+
+    def conversations(self, dataset: str, *, status: str = "all", search: str = "") -> list[ConversationSummary]:
+        """The conversations of a dataset in order; `status` all / labelled / unlabelled; `search`
+        keeps those whose text contains it (case-insensitive)."""
+        if status not in ("all", "labelled", "unlabelled"):
+            raise StoreError(f"status must be all, labelled or unlabelled, got {status!r}")
+        db = self._db()
+        dataset_id = self._dataset_id(db, dataset)
+        query = "SELECT id, position, version, labelled FROM conversations WHERE dataset_id = ?"
+        args: list = [dataset_id]
+        if status != "all":
+            query += " AND labelled = ?"
+            args.append(int(status == "labelled"))
+        if search:
+            query += " AND instr(search_text, ?) > 0"
+            args.append(search.casefold())
+        rows = db.execute(query + " ORDER BY position", args).fetchall()
+        previews = self._previews(db, [r[0] for r in rows])
+        return [ConversationSummary(cid, pos, ver, bool(lab), previews.get(cid, "")) for cid, pos, ver, lab in rows]
+
+    def _previews(self, db, ids) -> dict[int, str]:
+        found: dict[int, list] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for cid, speaker, text in db.execute(
+                    f"SELECT conversation_id, speaker, substr(text, 1, 200) FROM turns "
+                    f"WHERE conversation_id IN ({marks}) ORDER BY conversation_id, turn", chunk):
+                found.setdefault(cid, []).append((speaker, text))
+        return {cid: _preview(turns) for cid, turns in found.items()}
+
+    def conversation_ids(self, dataset: str) -> list[int]:
+        db = self._db()
+        return [r[0] for r in db.execute("SELECT id FROM conversations WHERE dataset_id = ? ORDER BY position",
+                                         (self._dataset_id(db, dataset),))]
+
+    def history(self, conversation_id: int) -> list[Revision]:
+        """Every change to a conversation, oldest first: who, what, when."""
+        return [Revision(*row) for row in self._db().execute(
+            "SELECT id, conversation_id, version, kind, state, action, author, created_at FROM revisions "
+            "WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+
+    def can_undo(self, conversation_id: int) -> bool:
+        return self._undoable(self._db(), conversation_id) is not None
+
+    def can_redo(self, conversation_id: int) -> bool:
+        return self._redoable(self._db(), conversation_id) is not None
+
+    # --- edits -------------------------------------------------------------------------------
+
+    def set_span(self, conversation_id: int, turn: int, start: int, end: int, role, *, expected_version: int,
+                 author: str = "anonymous") -> StoredConversation:
+        """Give characters [start, end) of a turn's text the role `role`."""
+        role = _role(role)
+
+        def change(labels, conv):
+            _check_range(conv, turn, start, end)
+            turn_role, spans = labels[turn]
+            labels[turn] = (turn_role, L.paint(spans, start, end, role))
+            return f"turn {turn} chars {start}..{end} → {role_name(role)}"
+
+        return self._edit(conversation_id, expected_version, author, change)
+
+    def clear_span(self, conversation_id: int, turn: int, start: int, end: int, *, expected_version: int,
+                   author: str = "anonymous") -> StoredConversation:
+        """Remove span labels from characters [start, end): they take the turn's role again."""
+        def change(labels, conv):
+            _check_range(conv, turn, start, end)
+            turn_role, spans = labels[turn]
+            labels[turn] = (turn_role, L.erase(spans, start, end))
+            return f"turn {turn} chars {start}..{end} cleared"
+
+        return self._edit(conversation_id, expected_version, author, change)
+
+    def set_turn_role(self, conversation_id: int, turn: int, role, *, expected_version: int,
+                      author: str = "anonymous", keep_spans: bool = False) -> StoredConversation:
+        """Set a turn's role; its spans go unless `keep_spans` (then they still override it)."""
+        role = _role(role)
+
+        def change(labels, conv):
+            _check_turn(conv, turn)
+            labels[turn] = (role, labels[turn][1] if keep_spans else [])
+            return f"turn {turn} → {role_name(role)}"
+
+        return self._edit(conversation_id, expected_version, author, change)
+
+    def set_labels(self, conversation_id: int, new_labels: Labels, *, expected_version: int,
+                   author: str = "anonymous", action: str = "labels replaced") -> StoredConversation:
+        """Replace all labels at once (e.g. accepting suggestions)."""
+        def change(labels, conv):
+            if len(new_labels) != len(labels):
+                raise StoreError(f"{len(new_labels)} turn labels given for {len(labels)} turns")
+            for i, (role, spans) in enumerate(new_labels):
+                for s in spans:
+                    _check_range(conv, i, s.start, s.end)
+                labels[i] = (_role(role), L.canonical(Span(s.start, s.end, _role(s.role)) for s in spans))
+            return action
+
+        return self._edit(conversation_id, expected_version, author, change)
+
+    def mark_labelled(self, conversation_id: int, labelled: bool, *, author: str = "anonymous") -> None:
+        with self._write() as db:
+            db.execute("UPDATE conversations SET labelled = ? WHERE id = ?", (int(labelled), conversation_id))
+
+    def _edit(self, cid: int, expected_version, author: str, change, kind: str = "edit") -> StoredConversation:
+        with self._write() as db:
+            conv = self._read(db, cid)
+            if expected_version is not None and conv.version != expected_version:
+                raise StaleVersionError(
+                    f"conversation {cid} was changed by {conv.updated_by or 'someone'} at "
+                    f"{time.strftime('%H:%M:%S', time.localtime(conv.updated_at))} (now version {conv.version}, "
+                    f"this view was at version {expected_version}); your change was not saved: reload it first",
+                    conv.version)
+            before = conv.labels()
+            after = [(role, list(spans)) for role, spans in before]
+            action = change(after, conv)
+            if after == before:
+                return conv
+            self._write_labels(db, cid, before, after)
+            version, now = conv.version + 1, time.time()
+            db.execute("UPDATE conversations SET version = ?, labelled = 1, updated_at = ?, updated_by = ? "
+                       "WHERE id = ?", (version, now, author, cid))
+            if kind == "edit":  # a new edit ends what could be redone
+                db.execute("UPDATE revisions SET state = 2 WHERE conversation_id = ? AND state = 1", (cid,))
+            db.execute("INSERT INTO revisions (conversation_id, version, kind, action, author, created_at, before, "
+                       "after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (cid, version, kind, action, author, now, labels_to_json(before), labels_to_json(after)))
+            conv.version, conv.updated_at, conv.updated_by, conv.labelled = version, now, author, True
+            for turn, (role, spans) in zip(conv.turns, after):
+                turn.role, turn.spans = role, spans
+            return conv
+
+    @staticmethod
+    def _write_labels(db, cid: int, before: Labels, after: Labels) -> None:
+        for i, (old, new) in enumerate(zip(before, after)):
+            if old == new:
+                continue
+            if old[0] != new[0]:
+                db.execute("UPDATE turns SET role = ? WHERE conversation_id = ? AND turn = ?", (new[0], cid, i))
+            if old[1] != new[1]:
+                db.execute("DELETE FROM spans WHERE conversation_id = ? AND turn = ?", (cid, i))
+                db.executemany('INSERT INTO spans (conversation_id, turn, start, "end", role) VALUES (?, ?, ?, ?, ?)',
+                               [(cid, i, s.start, s.end, s.role) for s in new[1]])
+
+    @staticmethod
+    def _undoable(db, cid):
+        return db.execute("SELECT id, action, before FROM revisions WHERE conversation_id = ? AND kind = 'edit' "
+                          "AND state = 0 ORDER BY id DESC LIMIT 1", (cid,)).fetchone()
+
+    @staticmethod
+    def _redoable(db, cid):
+        # Undone edits form a suffix of the edit list (a new edit drops them), so the next one to
+        # redo is the oldest of them: the one undone last.
+        return db.execute("SELECT id, action, after FROM revisions WHERE conversation_id = ? AND kind = 'edit' "
+                          "AND state = 1 ORDER BY id ASC LIMIT 1", (cid,)).fetchone()
+
+    def undo(self, conversation_id: int, *, expected_version: int | None = None,
+             author: str = "anonymous") -> StoredConversation:
+        """Take back the latest edit still in effect (a new revision; history keeps both)."""
+        return self._undo_redo(conversation_id, expected_version, author, undo=True)
+
+    def redo(self, conversation_id: int, *, expected_version: int | None = None,
+             author: str = "anonymous") -> StoredConversation:
+        return self._undo_redo(conversation_id, expected_version, author, undo=False)
+
+    def _undo_redo(self, cid, expected_version, author, undo: bool) -> StoredConversation:
+        word = "undo" if undo else "redo"
+
+        def change(labels, conv):
+            # Runs inside _edit's transaction: finding the revision, flipping its state and
+            # writing the labels commit together or not at all.
+            db = self._db()
+            row = (self._undoable if undo else self._redoable)(db, cid)
+            if row is None:
+                raise StoreError(f"nothing to {word} in conversation {cid}")
+            db.execute("UPDATE revisions SET state = ? WHERE id = ?", (1 if undo else 0, row[0]))
+            labels[:] = labels_from_json(row[2])
+            return f"{word}: {row[1]}"
+
+        return self._edit(cid, expected_version, author, change, kind=word)
+
+
+def _dataset_name(name) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise StoreError("a dataset needs a non-empty name")
+    return name.strip()
+
+
+def _role(role) -> int:
+    try:
+        return parse_role(role)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+
+
+def _check_turn(conv: StoredConversation, turn: int) -> None:
+    if not isinstance(turn, int) or not 0 <= turn < len(conv.turns):
+        raise StoreError(f"conversation {conv.id} has no turn {turn} (it has {len(conv.turns)})")
+
+
+def _check_range(conv: StoredConversation, turn: int, start: int, end: int) -> None:
+    _check_turn(conv, turn)
+    length = len(conv.turns[turn].text)
+    if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end <= length:
+        raise StoreError(f"span {start}..{end} is outside turn {turn} of conversation {conv.id} "
+                         f"(its text has {length} characters)")
+
+
+__all__ = ["Store", "StoreError", "NotFoundError", "StaleVersionError", "StoredConversation", "Revision",
+           "ConversationSummary", "DatasetInfo", "Labels"]
