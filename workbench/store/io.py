@@ -87,7 +87,8 @@ def read_records(path) -> list[tuple[str, object]]:
 
 def _read_jsonl(text: str) -> list[tuple[str, object]]:
     records = []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a record: str.splitlines would also split at U+2028 etc. inside JSON strings.
+    for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         name = f"record {len(records)} (line {line_no})"
