@@ -1,0 +1,180 @@
+"""Training runs as real background processes on the default VLM: LoRA, QLoRA 4-bit on CPU, DDP
+on two CPU processes, cancel and resume from the last checkpoint, a crash that ends failed."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, RunManager, group_members
+from workbench.train import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def build_default_model(out_dir: Path) -> Path:
+    """The embedded default VLM if it is built; otherwise the same architecture and processor,
+    untrained (training mechanics do not need a trained model)."""
+    if (DEFAULT_MODEL / "config.json").exists():
+        return DEFAULT_MODEL
+    from models.zoo import build, processor as zoo_processor
+
+    processor = zoo_processor.build_processor()
+    model = build.new_model(processor, build.ModelSize())
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_shapes_dataset(out_dir: Path, n: int = 12) -> Path:
+    """ShareGPT records of the shapes task, with NOISE turns, images beside the JSON."""
+    from models.zoo import shapes
+
+    return shapes.export_sharegpt(shapes.generate(n, seed=0, noise=shapes.TRAIN_NOISE), out_dir, name="shapes")
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> Path:
+    return build_default_model(tmp_path_factory.mktemp("default_vlm"))
+
+
+@pytest.fixture(scope="session")
+def shapes_json(tmp_path_factory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def manager(tmp_path):
+    m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
+    yield m
+    m.close()
+    for run in m.list():
+        if run.pgid and group_members(run.pgid):
+            import os
+            os.killpg(run.pgid, 9)
+
+
+def wait_for(predicate, timeout=120.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise TimeoutError("condition not reached")
+
+
+def lora_b_norm(adapter_dir: Path) -> float:
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    return sum(float(w.float().norm()) for name, w in weights.items() if "lora_B" in name)
+
+
+def test_a_three_step_lora_run_writes_an_adapter_and_metrics(manager, default_model, shapes_json):
+    config = {"dataset": str(shapes_json), "max_steps": 3, "hsa": True, "base_model": str(default_model),
+              "eval_split": 0.25, "lora_r": 4, "lora_alpha": 8}
+    run = manager.wait(manager.submit(config, name="three steps").id, timeout=300)
+    assert run.status == SUCCEEDED, run.error
+    adapter = run.output_dir / "adapter"
+    # LoRA's B matrices start at zero; three optimizer steps move them
+    assert lora_b_norm(adapter) > 0
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and not any("visual" in m for m in adapter_config["target_modules"])
+    info = json.loads((adapter / "workbench_run.json").read_text())
+    assert info["base_model"] == str(default_model) and info["hsa"] is True and info["global_step"] == 3
+    metrics = manager.metrics(run.id)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert m["loss"] > 0 and m["learning_rate"] > 0 and m["grad_norm"] >= 0 and m["tokens_per_s"] > 0
+    assert any("eval_loss" in m for m in metrics)
+    assert (run.output_dir / "checkpoint-3" / "optimizer.pt").exists()
+    assert "attention=hsa" in manager.log_tail(run.id)
+
+
+def test_qlora_4bit_trains_on_cpu(manager, default_model, shapes_json):
+    config = {"dataset": str(shapes_json), "max_steps": 2, "hsa": True, "base_model": str(default_model),
+              "quantization": "4bit", "lora_r": 4}
+    run = manager.wait(manager.submit(config).id, timeout=300)
+    assert run.status == SUCCEEDED, run.error
+    assert "quantization=4bit" in manager.log_tail(run.id)
+    assert lora_b_norm(run.output_dir / "adapter") > 0
+    assert [m["step"] for m in manager.metrics(run.id) if "loss" in m] == [1, 2]
+
+
+def test_qlora_loads_nf4_double_quantized_weights_with_lora_on_top(default_model, tmp_path):
+    import bitsandbytes as bnb
+
+    from workbench.train import parse_config
+    from workbench.train.run import load_model
+
+    config = parse_config({"dataset": "d.json", "base_model": str(default_model), "quantization": "4bit"},
+                          base_dir=tmp_path)
+    model = load_model(config)
+    q_proj = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.base_layer.weight.quant_type == "nf4" and q_proj.base_layer.weight.quant_state.nested
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_ddp_on_two_cpu_processes(manager, default_model, shapes_json):
+    config = {"dataset": str(shapes_json), "max_steps": 2, "hsa": True, "base_model": str(default_model),
+              "batch_size": 2, "lora_r": 4}
+    run = manager.submit(config, nproc=2)
+    assert "torch.distributed.run" in run.command and "--nproc_per_node=2" in run.command
+    run = manager.wait(run.id, timeout=400)
+    assert run.status == SUCCEEDED, run.error
+    steps = [m for m in manager.metrics(run.id) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]  # one writer: rank 0
+    # 2 processes x batch 2 = 4 conversations per step out of 12: each step is a third of an epoch
+    assert steps[0]["epoch"] == pytest.approx(4 / 12, abs=1e-3)
+    assert (run.output_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_cancel_mid_run_then_resume_from_the_last_checkpoint(manager, default_model, shapes_json):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    config = {"dataset": str(shapes_json), "max_steps": 100000, "save_steps": 2, "hsa": True,
+              "base_model": str(default_model), "lora_r": 4}
+    run = manager.submit(config)
+    wait_for(lambda: manager.tick() or any(m.get("step", 0) >= 5 for m in manager.metrics(run.id)), timeout=240)
+    assert manager.get(run.id).status == RUNNING
+    manager.cancel(run.id)
+    run = manager.wait(run.id, timeout=60)
+    assert run.status == CANCELLED and group_members(run.pgid) == []
+    last = get_last_checkpoint(str(run.output_dir))
+    resumed_from = int(Path(last).name.split("-")[1])
+    assert resumed_from >= 4
+
+    seen = len(manager.metrics(run.id))
+    run = manager.resume(run.id)
+    assert run.config["resume"] is True and run.attempts == 2
+    wait_for(lambda: manager.tick() or len([m for m in manager.metrics(run.id)[seen:] if "loss" in m]) >= 2,
+             timeout=240)
+    manager.cancel(run.id)
+    assert manager.wait(run.id, timeout=60).status == CANCELLED
+    after = [m["step"] for m in manager.metrics(run.id)[seen:] if "loss" in m]
+    assert after[0] == resumed_from + 1  # continued, not restarted
+    assert f"resume: from {last}" in manager.log_tail(run.id, max_lines=2000)
+
+
+def test_a_crashing_run_ends_failed_with_the_error(manager, default_model, tmp_path):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "human", "value": "<image> what is this?"}, {"from": "gpt", "value": "x"}]},
+    ]))
+    run = manager.wait(manager.submit({"dataset": str(data), "max_steps": 3, "base_model": str(default_model)}).id,
+                       timeout=300)
+    assert run.status == FAILED and run.exit_code == 1
+    assert "AlignError" in run.error and "record 1" in run.error and "placeholder" in run.error
+
+
+def test_a_run_with_a_bad_config_key_fails_naming_it(manager, tmp_path):
+    run = manager.wait(manager.submit({"dataset": "d.json", "max_stepz": 3}).id, timeout=120)
+    assert run.status == FAILED and run.exit_code == 2
+    assert "unknown key 'max_stepz'" in run.error and "did you mean 'max_steps'" in run.error

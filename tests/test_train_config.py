@@ -1,0 +1,82 @@
+"""The training config is checked before anything starts: defaults, refusals that name the keys."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workbench.train import DEFAULT_MODEL, ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_minimal_config_is_complete_and_resolves_paths(tmp_path):
+    c = parse_config({"dataset": "data.json", "output_dir": "runs/x", "max_steps": 3, "hsa": True}, base_dir=tmp_path)
+    assert c.dataset == str(tmp_path / "data.json") and c.output_dir == str(tmp_path / "runs" / "x")
+    assert c.image_root == str(tmp_path)  # images resolve next to the dataset file
+    assert c.base_model == str(DEFAULT_MODEL) and c.finetuning == "lora" and c.quantization == "none"
+    assert c.max_steps == 3 and c.hsa is True and c.lora_r > 0 and c.learning_rate > 0
+
+
+def test_output_dir_defaults_to_the_dataset_name(tmp_path):
+    assert parse_config({"dataset": "d/shapes.json"}, base_dir=tmp_path).output_dir == str(tmp_path / "runs" / "shapes")
+    store = parse_config({"dataset": "store:labelled", "store_db": "a.db"}, base_dir=tmp_path)
+    assert store.store_dataset == "labelled" and store.output_dir == str(tmp_path / "runs" / "labelled")
+    assert store.store_db == str(tmp_path / "a.db")
+
+
+@pytest.mark.parametrize("raw, named", [
+    ({"dataset": "d.json", "learning_rat": 1e-4}, ["'learning_rat'", "did you mean 'learning_rate'"]),
+    ({"dataset": "d.json", "lora": {"r": 8}, "epochz": 2}, ["'lora'", "'epochz'"]),
+    ({"output_dir": "x"}, ["missing key 'dataset'"]),
+    ({"dataset": "d.json", "finetuning": "full", "lora_r": 8}, ["lora_r", "finetuning is 'full'"]),
+    ({"dataset": "d.json", "finetuning": "full", "quantization": "4bit"}, ["quantization '4bit' needs finetuning 'lora'"]),
+    ({"dataset": "d.json", "epochs": 2, "max_steps": 10}, ["both epochs and max_steps"]),
+    ({"dataset": "d.json", "quantization": "3bit"}, ["quantization must be one of none, 8bit, 4bit"]),
+    ({"dataset": "d.json", "lr_scheduler": "cosin"}, ["lr_scheduler must be one of"]),
+    ({"dataset": "d.json", "batch_size": "4"}, ["batch_size must be int"]),
+    ({"dataset": "d.json", "hsa": "yes"}, ["hsa must be bool"]),
+    ({"dataset": "d.json", "eval_steps": 5}, ["eval_steps given but eval_split is 0"]),
+    ({"dataset": "d.json", "eval_split": 1.5}, ["eval_split must be in [0, 1)"]),
+    ({"dataset": "d.json", "warmup": 1.5}, ["warmup as a fraction"]),
+    ({"dataset": "d.json", "store_db": "a.db"}, ["store_db given but dataset is a file"]),
+])
+def test_bad_configs_are_refused_naming_the_keys(raw, named, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, base_dir=tmp_path)
+    for part in named:
+        assert part in str(error.value)
+
+
+def test_types_are_coerced_only_where_lossless(tmp_path):
+    c = parse_config({"dataset": "d.json", "batch_size": 2.0, "learning_rate": 1, "warmup": 5,
+                      "lora_target": "q_proj, v_proj"}, base_dir=tmp_path)
+    assert c.batch_size == 2 and isinstance(c.learning_rate, float) and c.warmup == 5 and isinstance(c.warmup, int)
+    assert c.lora_target == ["q_proj", "v_proj"]
+    assert parse_config({"dataset": "d.json", "warmup": 0.1}, base_dir=tmp_path).warmup == 0.1
+
+
+def test_the_entry_point_refuses_a_bad_config_before_loading_anything(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("dataset: data.json\nmax_step: 3\nquantization: 4bit\nfinetuning: full\n")
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "workbench.train", str(config)], cwd=tmp_path,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 2
+    assert "config error" in result.stderr and "'max_step'" in result.stderr and "did you mean 'max_steps'" in result.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_check_prints_the_resolved_config(tmp_path):
+    config = tmp_path / "ok.json"
+    config.write_text(json.dumps({"dataset": "data.json", "output_dir": "runs/x", "max_steps": 3, "hsa": True}))
+    result = subprocess.run([sys.executable, "-m", "workbench.train", str(config), "--check"], cwd=tmp_path,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["output_dir"] == str(tmp_path / "runs" / "x") and resolved["hsa"] is True

@@ -1,0 +1,36 @@
+"""The training entry point a run executes: `python -m workbench.train CONFIG.json|.yaml`.
+
+Under several processes: `torchrun --nproc_per_node=2 -m workbench.train CONFIG.json` (or
+`accelerate launch -m workbench.train CONFIG.json`)."""
+from .config import DEFAULT_MODEL, KEYS, ConfigError, TrainConfig, defaults, load_config_file, parse_config
+
+__all__ = ["TrainConfig", "ConfigError", "parse_config", "load_config_file", "defaults", "KEYS", "DEFAULT_MODEL",
+           "train", "main"]
+
+
+def train(config: TrainConfig) -> dict:
+    from .run import train as run_train  # torch/transformers only when training, not to check a config
+
+    return run_train(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m workbench.train",
+                                     description="Fine-tune a VLM (LoRA / QLoRA / full) under the HSA mask.")
+    parser.add_argument("config", help="a .json or .yaml config")
+    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = parse_config(load_config_file(args.config))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.check:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    train(config)
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from workbench.train import main
+
+sys.exit(main())

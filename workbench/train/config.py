@@ -1,0 +1,240 @@
+"""The training config: every key, its default, and the checks that run before anything starts.
+
+`{"dataset": "data.json", "output_dir": "runs/x", "max_steps": 3, "hsa": true}` is complete; every
+other key has a default. Unknown keys and inconsistent combinations are refused with a message that
+names them, before a model is loaded.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "zoo" / "default_vlm"
+# The language model's projections (Llama/Qwen naming). The vision tower is excluded by
+# LORA_EXCLUDE: Qwen2.5-VL's vision MLP reuses the names gate_proj/up_proj/down_proj.
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_EXCLUDE = r".*(visual|vision_tower|vision_model|multi_modal_projector|mm_projector).*"
+QUANTIZATIONS = ("none", "8bit", "4bit")
+FINETUNING = ("lora", "full")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORE_PREFIX = "store:"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending keys."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str                                  # a ShareGPT / LLaMA-Factory .json/.jsonl file, or "store:NAME"
+    output_dir: str = ""                          # default: runs/<dataset name>
+    base_model: str = str(DEFAULT_MODEL)          # a local directory or a hub id
+    store_db: str = ""                            # the annotation database, for "store:NAME" datasets
+    image_root: str = ""                          # where relative image paths resolve; default: the dataset's folder
+    finetuning: str = "lora"                      # "lora" or "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    quantization: str = "none"                    # "none", "8bit", "4bit" (NF4 + double quantization: QLoRA)
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.0                           # an int: steps; a float in [0, 1): a fraction of all steps
+    epochs: float = 1.0
+    max_steps: int = -1                           # > 0 overrides epochs
+    batch_size: int = 1                           # per device
+    grad_accum: int = 1
+    max_length: int = 1024
+    hsa: bool = True                              # train under the HSA mask (attn_implementation="hsa")
+    seed: int = 42
+    eval_split: float = 0.0                       # fraction of the records held out for eval loss
+    eval_steps: int = 0                           # evaluate every N steps; 0: once, at the end
+    logging_steps: int = 1
+    save_steps: int = 50                          # checkpoint every N optimizer steps
+    save_total_limit: int = 2
+    resume: bool | str = False                    # true: the last checkpoint in output_dir; or a checkpoint path
+    dtype: str = "auto"                           # compute dtype: bf16 on GPUs that have it, else float32
+    gradient_checkpointing: bool = False
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def store_dataset(self) -> str | None:
+        return self.dataset[len(STORE_PREFIX):] if self.dataset.startswith(STORE_PREFIX) else None
+
+
+KEYS = [f.name for f in fields(TrainConfig)]
+_DEFAULTS = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(TrainConfig)
+             if f.name != "dataset"}
+_TYPES = {
+    "dataset": str, "output_dir": str, "base_model": str, "store_db": str, "image_root": str, "finetuning": str,
+    "lora_r": int, "lora_alpha": int, "lora_dropout": float, "quantization": str, "learning_rate": float,
+    "lr_scheduler": str, "warmup": float, "epochs": float, "max_steps": int, "batch_size": int, "grad_accum": int,
+    "max_length": int, "hsa": bool, "seed": int, "eval_split": float, "eval_steps": int, "logging_steps": int,
+    "save_steps": int, "save_total_limit": int, "dtype": str, "gradient_checkpointing": bool,
+    "weight_decay": float, "max_grad_norm": float,
+}
+
+
+def defaults() -> dict:
+    return json.loads(json.dumps(_DEFAULTS))
+
+
+def parse_config(raw: dict, *, base_dir: Path | None = None) -> TrainConfig:
+    """Check a config dict and fill in defaults. Relative paths resolve against base_dir (the
+    working directory when None). Raises ConfigError naming every problem found."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a JSON/YAML object of keys, got {type(raw).__name__}")
+    problems: list[str] = []
+    unknown = [k for k in raw if k not in KEYS]
+    for key in unknown:
+        close = difflib.get_close_matches(key, KEYS, n=1)
+        problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    values = {}
+    for key, value in raw.items():
+        if key in unknown:
+            continue
+        checked = _check_type(key, value, problems)
+        if checked is not None:
+            values[key] = checked
+    if "dataset" not in raw:
+        problems.append("missing key 'dataset' (a ShareGPT .json/.jsonl file or store:NAME)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    given = set(values)
+    config = TrainConfig(**values)
+    _check_consistency(config, given, problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return _resolve_paths(config, Path(base_dir) if base_dir else Path.cwd())
+
+
+def _check_type(key: str, value, problems: list[str]):
+    if key == "lora_target":
+        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        if isinstance(value, str) and value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        problems.append("lora_target must be a list of module names, a comma-separated string or 'all-linear'")
+        return None
+    if key == "resume":
+        if isinstance(value, (bool, str)):
+            return value
+        problems.append("resume must be true/false or a checkpoint path")
+        return None
+    want = _TYPES[key]
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value if key == "warmup" and isinstance(value, int) else float(value)
+    elif isinstance(value, str):
+        return value
+    problems.append(f"{key} must be {want.__name__}, got {value!r}")
+    return None
+
+
+def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> None:
+    def choice(key, allowed):
+        if getattr(c, key) not in allowed:
+            problems.append(f"{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")
+
+    choice("finetuning", FINETUNING)
+    choice("quantization", QUANTIZATIONS)
+    choice("lr_scheduler", SCHEDULERS)
+    choice("dtype", DTYPES)
+    if not c.dataset:
+        problems.append("dataset is empty")
+    if c.finetuning == "full":
+        lora_keys = sorted(k for k in given if k.startswith("lora_"))
+        if lora_keys:
+            problems.append(f"{', '.join(lora_keys)} given but finetuning is 'full' (LoRA keys apply to 'lora')")
+        if c.quantization != "none":
+            problems.append(f"quantization {c.quantization!r} needs finetuning 'lora' (a quantized model "
+                            "cannot be fully fine-tuned; that is what QLoRA is for)")
+    if "epochs" in given and "max_steps" in given and c.max_steps > 0:
+        problems.append("both epochs and max_steps given: give one (max_steps would override epochs)")
+    for key in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
+        if getattr(c, key) < 1:
+            problems.append(f"{key} must be at least 1, got {getattr(c, key)}")
+    if c.max_steps == 0 or c.max_steps < -1:
+        problems.append(f"max_steps must be a positive number of steps (or -1 to train for epochs), got {c.max_steps}")
+    if c.max_steps <= 0 and c.epochs <= 0:
+        problems.append("epochs must be positive when max_steps is not given")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        problems.append(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if not 0.0 <= c.eval_split < 1.0:
+        problems.append(f"eval_split must be in [0, 1), got {c.eval_split}")
+    if c.eval_steps and c.eval_split == 0:
+        problems.append("eval_steps given but eval_split is 0: there is nothing to evaluate on")
+    if c.eval_steps < 0:
+        problems.append(f"eval_steps must be >= 0, got {c.eval_steps}")
+    if c.learning_rate <= 0:
+        problems.append(f"learning_rate must be positive, got {c.learning_rate}")
+    if isinstance(c.warmup, float) and not 0.0 <= c.warmup < 1.0:
+        problems.append(f"warmup as a fraction must be in [0, 1), got {c.warmup} (an integer is a number of steps)")
+    if isinstance(c.warmup, int) and c.warmup < 0:
+        problems.append(f"warmup steps must be >= 0, got {c.warmup}")
+    if c.store_dataset is not None and not c.store_dataset:
+        problems.append("dataset 'store:' names no dataset")
+    if "store_db" in given and c.store_dataset is None:
+        problems.append("store_db given but dataset is a file, not store:NAME")
+
+
+def _resolve_paths(c: TrainConfig, base: Path) -> TrainConfig:
+    def resolve(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    if c.store_dataset is None:
+        c.dataset = resolve(c.dataset)
+        if not c.image_root:
+            c.image_root = str(Path(c.dataset).parent)
+    elif c.store_db:
+        c.store_db = resolve(c.store_db)
+    if c.image_root:
+        c.image_root = resolve(c.image_root)
+    if not c.output_dir:
+        name = c.store_dataset or Path(c.dataset).stem
+        c.output_dir = str(Path("runs") / name)
+    c.output_dir = resolve(c.output_dir)
+    # a local model directory given relatively; anything else is a hub id
+    base_model = Path(c.base_model).expanduser()
+    if not base_model.is_absolute() and (base / base_model).exists():
+        c.base_model = str((base / base_model).resolve())
+    if isinstance(c.resume, str):
+        c.resume = resolve(c.resume)
+    return c
+
+
+def load_config_file(path: Path) -> dict:
+    """A config from .json or .yaml/.yml."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text)
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is an object of keys, got {type(raw).__name__}")
+    return raw

@@ -1,0 +1,311 @@
+"""Training one config: data -> HSACollator -> model (attn_implementation "hsa" or "sdpa", LoRA /
+QLoRA / full) -> transformers Trainer, with metrics appended to metrics.jsonl as it goes.
+
+The path of a labelled conversation: the dataset's records are validated up front, aligned per batch
+by `workbench.align.HSACollator` (input_ids, labels, semantic_ids, pixel_values), and the model's
+attention reads `semantic_ids` from its keyword arguments (models.hsa). Works the same under
+`torchrun` / `accelerate launch` (DDP: gloo on CPU, nccl on GPUs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
+from models.vlm.processor import QWEN_VL_TYPES, ImageOnlyQwen2VLProcessor, load_processor
+from workbench.align import AlignError, HSACollator, normalize_record
+
+from .config import LORA_EXCLUDE, TrainConfig
+
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"
+RUN_INFO = "workbench_run.json"  # next to the adapter: what the Chat tab needs to load it
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def load_records(config: TrainConfig) -> list:
+    """The dataset's conversations, validated (an error names the record and the problem)."""
+    if config.store_dataset is not None:
+        return _store_records(config)
+    path = Path(config.dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = json.loads(text)
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty JSON list of ShareGPT records")
+    image_root = Path(config.image_root) if config.image_root else path.parent
+    for index, record in enumerate(records):
+        conv = normalize_record(record, index=index)
+        for image in conv.images:
+            if not (image_root / image).exists():
+                raise AlignError(f"record {index}: image {image} not found under {image_root}")
+    return records
+
+
+def _store_records(config: TrainConfig) -> list:
+    from workbench.store.db import Store
+
+    db = config.store_db or os.environ.get("WORKBENCH_DB", "")
+    if not db:
+        raise ValueError(f"dataset {config.dataset!r} is in the annotation store, but no store_db was given")
+    with Store(db) as store:
+        ids = store.conversation_ids(config.store_dataset)
+        conversations = [store.conversation(cid).as_conversation() for cid in ids]
+    if not conversations:
+        raise ValueError(f"store dataset {config.store_dataset!r} has no conversations")
+    return conversations
+
+
+def split_records(records: list, eval_split: float, seed: int) -> tuple[list, list]:
+    """A seeded random hold-out of round(eval_split * n) records (at least one if eval_split > 0)."""
+    if eval_split <= 0:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(eval_split * len(records)))
+    if n_eval >= len(records):
+        raise ValueError(f"eval_split {eval_split} leaves no training records out of {len(records)}")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+class Records(torch.utils.data.Dataset):
+    def __init__(self, records: list):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+class Collator:
+    """HSACollator, minus semantic_ids when HSA is off (the same batches otherwise)."""
+
+    def __init__(self, processor, *, image_root, max_length: int, hsa: bool):
+        self.inner = HSACollator(processor, image_root=image_root, max_length=max_length)
+        self.hsa = hsa
+
+    def __call__(self, records) -> dict:
+        batch = self.inner(records)
+        if not self.hsa:
+            batch.pop("semantic_ids")
+        return batch
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+def load_processor_for(base_model: str):
+    """The model's processor; a Qwen2-VL-family checkpoint whose saved processor class is not
+    importable here comes back from AutoProcessor as a bare tokenizer, so assemble it."""
+    processor = load_processor(base_model)
+    if getattr(processor, "image_processor", None) is None:
+        from transformers import AutoConfig
+
+        if getattr(AutoConfig.from_pretrained(base_model), "model_type", "") in QWEN_VL_TYPES:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(base_model)
+            processor = ImageOnlyQwen2VLProcessor(image_processor, processor,
+                                                  chat_template=getattr(processor, "chat_template", None))
+    return processor
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(config: TrainConfig):
+    if config.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # the vision tower and the output head stay in full precision, as in QLoRA for VLMs
+    skip = ["visual", "vision_tower", "vision_model", "multi_modal_projector", "lm_head"]
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype(config), llm_int8_skip_modules=skip)
+
+
+def load_model(config: TrainConfig):
+    """The base model with HSA (or SDPA) attention, quantized if asked, with LoRA adapters attached."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    kwargs = dict(attn_implementation="hsa" if config.hsa else "sdpa", dtype=compute_dtype(config))
+    quant = quantization_config(config)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(config.base_model, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)  # a text-only model
+    model.config.use_cache = False  # a KV cache is for generation; it only costs memory in training
+
+    if config.finetuning == "full":
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target, exclude_modules=LORA_EXCLUDE, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+class MetricsCallback(TrainerCallback):
+    """Appends one JSON line per log to metrics.jsonl (rank 0 only): step, epoch, loss, learning
+    rate, grad norm, tokens/s and samples/s since the previous log, eval loss when evaluated."""
+
+    FIELDS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss",
+              "train_loss": "train_loss"}
+
+    def __init__(self, path: Path, samples_per_step: int):
+        self.path = Path(path)
+        self.samples_per_step = samples_per_step
+        self._last = None  # (time, tokens seen, step) at the previous training log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": time.time()}
+        record.update({name: float(logs[key]) for key, name in self.FIELDS.items() if key in logs})
+        if "train_loss" in logs:  # the end-of-training summary
+            record["train_runtime"] = float(logs.get("train_runtime", 0.0))
+        if "loss" in logs and self._last is not None:
+            now, tokens, step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+            elapsed = now - self._last[0]
+            if elapsed > 0 and step > self._last[2]:
+                record["tokens_per_s"] = (tokens - self._last[1]) / elapsed
+                record["samples_per_s"] = (step - self._last[2]) * self.samples_per_step / elapsed
+            self._last = (now, tokens, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                         if k not in ("time", "epoch"))
+        print(f"[metrics] {shown}", flush=True)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    dtype = compute_dtype(config)
+    evaluate_every = has_eval and config.eval_steps > 0
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.epochs, max_steps=config.max_steps,
+        logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if evaluate_every else "no", eval_steps=config.eval_steps if evaluate_every else None,
+        seed=config.seed, data_seed=config.seed,
+        bf16=dtype == torch.bfloat16 and cuda and config.quantization == "none",
+        fp16=dtype == torch.float16 and cuda and config.quantization == "none",
+        use_cpu=not cuda, ddp_backend="gloo" if distributed and not cuda else None, ddp_find_unused_parameters=False,
+        gradient_checkpointing=False,  # enabled on the model by load_model, with peft's input hook
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,  # the dataset yields raw records for the collator
+        dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        report_to="none", disable_tqdm=True,  # metrics lines in the log instead of redrawn bars
+    )
+
+
+def checkpoint_to_resume(config: TrainConfig) -> str | None:
+    if config.resume is True:
+        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        if last is None:
+            print(f"resume: no checkpoint in {config.output_dir}; starting from the beginning", flush=True)
+        else:
+            print(f"resume: from {last}", flush=True)
+        return last
+    if isinstance(config.resume, str):
+        if not Path(config.resume).is_dir():
+            raise FileNotFoundError(f"resume: checkpoint {config.resume} does not exist")
+        return config.resume
+    return None
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one training; returns a summary (also written to output_dir/train_summary.json)."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if rank0:
+        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    set_seed(config.seed)
+
+    records = load_records(config)
+    train_records, eval_records = split_records(records, config.eval_split, config.seed)
+    print(f"data: {len(train_records)} training and {len(eval_records)} eval conversations from {config.dataset}",
+          flush=True)
+    processor = load_processor_for(config.base_model)
+    model = load_model(config)
+    if hasattr(model, "print_trainable_parameters") and rank0:
+        model.print_trainable_parameters()
+    print(f"model: {config.base_model} attention={'hsa' if config.hsa else 'sdpa'} "
+          f"finetuning={config.finetuning} quantization={config.quantization}", flush=True)
+
+    args = training_arguments(config, has_eval=bool(eval_records))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    trainer = Trainer(
+        model=model, args=args,
+        train_dataset=Records(train_records), eval_dataset=Records(eval_records) if eval_records else None,
+        data_collator=Collator(processor, image_root=config.image_root or None, max_length=config.max_length,
+                               hsa=config.hsa),
+        callbacks=[MetricsCallback(out / METRICS_FILE, config.batch_size * config.grad_accum * world)],
+    )
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one line per log instead
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
+    if eval_records:
+        trainer.evaluate()
+
+    target = out / (ADAPTER_DIR if config.finetuning == "lora" else MODEL_DIR)
+    trainer.save_model(str(target))
+    summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
+               "saved": str(target), "base_model": config.base_model, "hsa": config.hsa,
+               "finetuning": config.finetuning, "quantization": config.quantization}
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(target))
+        (target / RUN_INFO).write_text(json.dumps(summary, indent=2))
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"saved {config.finetuning} weights to {target}", flush=True)
+    return summary
