@@ -1,0 +1,124 @@
+"""The Train tab's handlers, without a browser: real run manager, real processes, real files."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from workbench.jobs import SUCCEEDED, group_members
+from workbench.train.config import DEFAULT_LORA_TARGETS
+from workbench.ui import train as tab
+from workbench.ui.context import AppContext
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    context = AppContext.create(tmp_path / "ws")
+    yield context
+    manager = tab.manager_of(context)
+    manager.close()
+    for run in manager.list():
+        if run.pgid and group_members(run.pgid):
+            import os
+            os.killpg(run.pgid, 9)
+    tab.manager_for.cache_clear()
+
+
+def form(**overrides) -> dict:
+    values = dict(zip(tab.FORM_FIELDS, tab.preset_values(next(iter(tab.PRESETS)))))
+    values.update(dataset="shapes.json", extra="")
+    values.update(overrides)
+    return values
+
+
+def test_presets_fill_the_form_and_qlora_targets_a_3b_vlm_in_4bit():
+    lora = dict(zip(tab.FORM_FIELDS, tab.preset_values("LoRA · default model (CPU friendly)")))
+    assert lora["base_model"] == "default" and lora["quantization"] == "none" and lora["hsa"] is True
+    assert lora["lora_target"] == ", ".join(DEFAULT_LORA_TARGETS)
+    qlora = dict(zip(tab.FORM_FIELDS, tab.preset_values("QLoRA · Qwen2.5-VL-3B on one GPU")))
+    assert qlora["base_model"] == "Qwen/Qwen2.5-VL-3B-Instruct" and qlora["quantization"] == "4bit"
+    assert qlora["finetuning"] == "lora" and qlora["max_steps"] == -1 and qlora["grad_accum"] > 1
+
+
+def test_form_config_keeps_only_keys_that_apply(ctx):
+    config, nproc = tab.form_config(ctx, form(max_steps=5, nproc=2))
+    assert config["max_steps"] == 5 and "epochs" not in config and nproc == 2
+    assert config["base_model"] == str(ctx.default_model)
+    config, _ = tab.form_config(ctx, form(max_steps=-1, epochs=2))
+    assert config["epochs"] == 2.0 and "max_steps" not in config
+    config, _ = tab.form_config(ctx, form(finetuning="full"))
+    assert not any(k.startswith("lora_") for k in config)
+    config, _ = tab.form_config(ctx, form(dataset="store:labelled"))
+    assert config["store_db"] == str(ctx.db_path)
+    config, _ = tab.form_config(ctx, form(extra='{"save_steps": 7}', warmup=10))
+    assert config["save_steps"] == 7 and config["warmup"] == 10 and isinstance(config["warmup"], int)
+
+
+def test_preview_shows_the_exact_command_and_names_bad_keys(ctx):
+    command, config, problems = tab.preview(ctx, form())
+    assert problems == ""
+    assert "-m workbench.train" in command and "run-0001/run_config.json" in command
+    assert json.loads(config)["output_dir"].endswith("run-0001")
+    _, _, problems = tab.preview(ctx, form(extra='{"save_stepz": 3}'))
+    assert "unknown key 'save_stepz'" in problems
+    command, _, _ = tab.preview(ctx, form(nproc=2))
+    assert "--nproc_per_node=2" in command
+
+
+def test_start_refuses_a_bad_config_without_creating_a_run(ctx):
+    run_id, text = tab.start_run(ctx, form(finetuning="full", quantization="4bit"))
+    assert run_id is None and "needs finetuning 'lora'" in text
+    assert tab.manager_of(ctx).list() == []
+
+
+def write_metrics_script(n: int, adapter: bool) -> list[str]:
+    code = f"""
+        import json, os, pathlib
+        out = pathlib.Path(os.environ["WORKBENCH_RUN_DIR"])
+        with open(out / "metrics.jsonl", "a") as f:
+            for step in range(1, {n} + 1):
+                f.write(json.dumps({{"step": step, "loss": 2.0 / step, "learning_rate": 1e-3 * step}}) + "\\n")
+            f.write(json.dumps({{"step": {n}, "eval_loss": 0.5}}) + "\\n")
+        if {adapter}:
+            (out / "adapter").mkdir()
+            (out / "adapter" / "adapter_config.json").write_text(json.dumps({{"base_model_name_or_path": "/m/base"}}))
+    """
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_runs_table_curves_log_and_chat_target(ctx):
+    manager = tab.manager_of(ctx)
+    run = manager.wait(manager.submit({"note": 1}, command=write_metrics_script(4, True), name="demo").id)
+    assert run.status == SUCCEEDED
+    rows = tab.runs_rows(manager)
+    assert rows[0][:6] == [run.id, "demo", "succeeded", 4, "0.5", "0.5"]
+    summary, figure, log, config = tab.run_view(manager, run.id)
+    assert "succeeded" in summary and json.loads(config)["note"] == 1 and "attempt 1" in log
+    loss, eval_loss, lr = figure.data
+    assert list(loss.x) == [1, 2, 3, 4] and list(loss.y) == [2.0, 1.0, 2.0 / 3, 0.5]
+    assert list(eval_loss.y) == [0.5] and list(lr.y) == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])
+    target = tab.chat_target(manager, run.id)
+    assert target.label == f"run: run-{run.id:04d}" and target.base_model == "/m/base"
+    assert target.adapter == str(run.output_dir / "adapter")
+
+
+def test_curves_keep_the_last_record_of_a_step_after_a_resume():
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5},
+               {"step": 3, "loss": 1.4}, {"step": 4, "loss": 1.2}]  # resumed from checkpoint-2
+    assert tab.curves(records)["loss"] == [3.0, 2.0, 1.4, 1.2]
+
+
+def test_cancel_resume_clone_and_chat_messages(ctx):
+    manager = tab.manager_of(ctx)
+    sleeper = manager.submit({"lr": 1.0}, command=[sys.executable, "-c", "import time; time.sleep(600)"])
+    text = tab.cancel_run(manager, sleeper.id)  # a sleeper dies at once on SIGTERM: either message
+    assert "asked to stop" in text or text == f"Run {sleeper.id} is cancelled."
+    assert manager.wait(sleeper.id).status == "cancelled"
+    assert "only training runs resume" in tab.resume_run(manager, sleeper.id)
+    with pytest.raises(ValueError, match="no adapter"):
+        tab.chat_target(manager, sleeper.id)
+    new_id, text = tab.clone_run(ctx, sleeper.id, '{"dataset": "d.json", "lr": 2.0}')
+    assert new_id is None and "unknown key 'lr'" in text  # the clone of a custom run is still checked
+    assert tab.clone_run(ctx, sleeper.id, "[1]")[0] is None

@@ -1,0 +1,450 @@
+"""The Train tab: a config form with presets, a preview of the exact command, runs in the
+background (workbench.jobs), a runs table, live loss / learning-rate curves, the log tail, cancel,
+resume, clone with edits, and "chat with this run".
+
+The functions above `build` are plain values in, values out; `build` only wires them to widgets.
+One RunManager per workbench process is shared by every browser session: the runs table is the
+database's, so a run started in one tab is seen (and can be cancelled) from any other.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
+from workbench.jobs.manager import CONFIG_NAME
+from workbench.train.config import SCHEDULERS, ConfigError, defaults, parse_config
+from workbench.ui.context import AppContext
+
+DEFAULTS = defaults()
+PRESETS: dict[str, dict] = {
+    "LoRA · default model (CPU friendly)": {
+        "base_model": "default", "finetuning": "lora", "quantization": "none", "lora_r": 16, "lora_alpha": 32,
+        "lora_dropout": 0.05, "learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup": 0.0, "epochs": 1.0,
+        "max_steps": 30, "batch_size": 2, "grad_accum": 1, "max_length": 1024, "hsa": True, "eval_split": 0.1,
+        "nproc": 1,
+    },
+    "QLoRA · Qwen2.5-VL-3B on one GPU": {
+        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "finetuning": "lora", "quantization": "4bit", "lora_r": 16,
+        "lora_alpha": 32, "lora_dropout": 0.05, "learning_rate": 1e-4, "lr_scheduler": "cosine", "warmup": 0.03,
+        "epochs": 2.0, "max_steps": -1, "batch_size": 1, "grad_accum": 8, "max_length": 2048, "hsa": True,
+        "eval_split": 0.05, "nproc": 1,
+    },
+    "Full fine-tuning · default model": {
+        "base_model": "default", "finetuning": "full", "quantization": "none", "learning_rate": 5e-5,
+        "lr_scheduler": "cosine", "warmup": 0.05, "epochs": 1.0, "max_steps": 50, "batch_size": 2, "grad_accum": 1,
+        "max_length": 1024, "hsa": True, "eval_split": 0.1, "nproc": 1,
+    },
+}
+# the form's fields, in the order of `build`'s inputs
+FORM_FIELDS = ["base_model", "dataset", "finetuning", "quantization", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_target", "learning_rate", "lr_scheduler", "warmup", "epochs", "max_steps", "batch_size",
+               "grad_accum", "max_length", "hsa", "seed", "eval_split", "nproc", "extra"]
+RUN_HEADERS = ["id", "name", "status", "step", "loss", "eval loss", "started", "duration", "output"]
+
+
+@functools.lru_cache(maxsize=8)
+def manager_for(runs_dir: Path, workdir: Path) -> RunManager:
+    """The one run manager of this workbench process for these directories (shared by sessions)."""
+    limit = int(os.environ.get("WORKBENCH_MAX_RUNS", "1"))
+    return RunManager(runs_dir, max_concurrent=limit, workdir=workdir, monitor=True, poll_s=1.0)
+
+
+def manager_of(ctx: AppContext) -> RunManager:
+    return manager_for(Path(ctx.runs_dir).resolve(), Path(ctx.workspace).resolve())
+
+
+# ---- the form -----------------------------------------------------------------------------------
+
+def preset_values(name: str) -> list:
+    """Form values for a preset, in FORM_FIELDS order (dataset and extra are left as they are)."""
+    preset = {**DEFAULTS, "nproc": 1, **PRESETS[name]}
+    values = []
+    for key in FORM_FIELDS:
+        if key in ("dataset", "extra"):
+            values.append(gr.update())
+        elif key == "lora_target":
+            target = preset["lora_target"]
+            values.append(target if isinstance(target, str) else ", ".join(target))
+        else:
+            values.append(preset[key])
+    return values
+
+
+def form_config(ctx: AppContext, values: dict) -> tuple[dict, int]:
+    """The config dict (as it will be stored) and the number of processes, from the form.
+    Keys that do not apply are left out: epochs when max_steps is set, LoRA keys for full tuning."""
+    config: dict = {"base_model": ctx.resolve_model(values.get("base_model")),
+                    "dataset": (values.get("dataset") or "").strip()}
+    if config["dataset"].startswith("store:"):
+        config["store_db"] = str(ctx.db_path)
+    config["finetuning"] = values["finetuning"]
+    config["quantization"] = values["quantization"]
+    if values["finetuning"] == "lora":
+        config.update(lora_r=int(values["lora_r"]), lora_alpha=int(values["lora_alpha"]),
+                      lora_dropout=float(values["lora_dropout"]))
+        target = (values.get("lora_target") or "").strip()
+        if target:
+            config["lora_target"] = target if target == "all-linear" else \
+                [t.strip() for t in target.split(",") if t.strip()]
+    config.update(learning_rate=float(values["learning_rate"]), lr_scheduler=values["lr_scheduler"])
+    warmup = float(values["warmup"] or 0)
+    config["warmup"] = int(warmup) if warmup >= 1 else warmup
+    max_steps = int(values.get("max_steps") or -1)
+    if max_steps > 0:
+        config["max_steps"] = max_steps
+    else:
+        config["epochs"] = float(values["epochs"])
+    config.update(batch_size=int(values["batch_size"]), grad_accum=int(values["grad_accum"]),
+                  max_length=int(values["max_length"]), hsa=bool(values["hsa"]), seed=int(values["seed"]),
+                  eval_split=float(values["eval_split"] or 0))
+    extra = (values.get("extra") or "").strip()
+    if extra:
+        try:
+            more = json.loads(extra)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"extra keys: not valid JSON: {e}") from None
+        if not isinstance(more, dict):
+            raise ConfigError("extra keys: a JSON object, e.g. {\"save_steps\": 20}")
+        config.update(more)
+    return config, max(1, int(values.get("nproc") or 1))
+
+
+def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
+    """(command, config JSON, problems) exactly as a start would run them; problems is '' when the
+    config is valid."""
+    try:
+        config, nproc = form_config(ctx, values)
+    except (ConfigError, ValueError, TypeError) as e:
+        return "", "", f"**Cannot start:** {e}"
+    problems = ""
+    try:
+        parse_config(config, base_dir=ctx.workspace)
+    except ConfigError as e:
+        problems = f"**Cannot start:** {e}"
+    manager = manager_of(ctx)
+    next_dir = Path(config.get("output_dir") or manager.runs_dir / f"run-{_next_run_id(manager):04d}")
+    shown = dict(config, output_dir=str(next_dir))
+    command = shlex.join(train_command(next_dir / CONFIG_NAME, nproc))
+    return f"cd {shlex.quote(str(manager.workdir))}\n{command}", json.dumps(shown, indent=2), problems
+
+
+def _next_run_id(manager: RunManager) -> int:
+    runs = manager.list(limit=1)
+    return (runs[0].id + 1) if runs else 1
+
+
+def start_run(ctx: AppContext, values: dict, name: str = "") -> tuple[int | None, str]:
+    """Queue a run from the form; (run id, message). A config that cannot run is refused here,
+    naming the keys, before any process starts."""
+    try:
+        config, nproc = form_config(ctx, values)
+        parse_config(config, base_dir=ctx.workspace)
+        run = manager_of(ctx).submit(config, name=name.strip() or None, nproc=nproc)
+    except (ConfigError, ValueError, TypeError) as e:
+        return None, f"**Not started:** {e}"
+    return run.id, f"Run {run.id} ({run.name}) is {run.status}."
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+
+def curves(records: list[dict]) -> dict[str, list]:
+    """Train loss, eval loss and learning rate by step; the last record of a step wins (a resumed
+    run logs again the steps after its checkpoint)."""
+    train, evals, lr = {}, {}, {}
+    for r in records:
+        step = r.get("step")
+        if step is None:
+            continue
+        if "loss" in r:
+            train[step] = r["loss"]
+        if "learning_rate" in r:
+            lr[step] = r["learning_rate"]
+        if "eval_loss" in r:
+            evals[step] = r["eval_loss"]
+
+    def xy(d):
+        steps = sorted(d)
+        return steps, [d[s] for s in steps]
+
+    (ts, tl), (es, el), (ls, lv) = xy(train), xy(evals), xy(lr)
+    return {"step": ts, "loss": tl, "eval_step": es, "eval_loss": el, "lr_step": ls, "learning_rate": lv}
+
+
+def curves_figure(records: list[dict], title: str = ""):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    c = curves(records)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "learning rate"))
+    fig.add_trace(go.Scatter(x=c["step"], y=c["loss"], mode="lines+markers", name="train loss"), row=1, col=1)
+    if c["eval_step"]:
+        fig.add_trace(go.Scatter(x=c["eval_step"], y=c["eval_loss"], mode="lines+markers", name="eval loss"),
+                      row=1, col=1)
+    fig.add_trace(go.Scatter(x=c["lr_step"], y=c["learning_rate"], mode="lines", name="learning rate"),
+                  row=1, col=2)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(height=320, margin=dict(l=40, r=20, t=50, b=40), title=title or None,
+                      legend=dict(orientation="h", y=-0.25), uirevision="keep")
+    return fig
+
+
+def runs_rows(manager: RunManager, limit: int = 100) -> list[list]:
+    rows = []
+    for run in manager.list(limit=limit):
+        records = manager.metrics(run.id) if run.status != "queued" else []
+        c = curves(records)
+        rows.append([run.id, run.name, run.status, c["step"][-1] if c["step"] else "",
+                     _fmt(c["loss"][-1]) if c["loss"] else "", _fmt(c["eval_loss"][-1]) if c["eval_loss"] else "",
+                     time.strftime("%m-%d %H:%M:%S", time.localtime(run.started_at)) if run.started_at else "",
+                     f"{run.duration_s:.0f} s" if run.duration_s is not None else "", str(run.output_dir)])
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def run_choices(manager: RunManager) -> list[tuple[str, int]]:
+    return [(f"{run.id} · {run.name} · {run.status}", run.id) for run in manager.list(limit=200)]
+
+
+def run_summary(manager: RunManager, run_id: int | None) -> str:
+    if run_id is None:
+        return "Select a run."
+    run = manager.get(int(run_id))
+    lines = [f"**Run {run.id} · {run.name}** — {run.status}" + (f" (exit code {run.exit_code})"
+                                                                 if run.exit_code is not None else ""),
+             f"output: `{run.output_dir}` · attempts: {run.attempts}" + (f" · cloned from run {run.parent_id}"
+                                                                         if run.parent_id else ""),
+             f"command: `{shlex.join(run.command)}`"]
+    if run.error:
+        lines.append(f"```\n{run.error}\n```")
+    return "\n\n".join(lines)
+
+
+def run_view(manager: RunManager, run_id: int | None, log_lines: int = 80):
+    """(summary markdown, curves figure, log tail, config JSON) of a run."""
+    if run_id is None:
+        return "Select a run.", curves_figure([]), "", ""
+    run = manager.get(int(run_id))
+    return (run_summary(manager, run.id), curves_figure(manager.metrics(run.id), f"run {run.id}"),
+            manager.log_tail(run.id, max_lines=log_lines), json.dumps(run.config, indent=2))
+
+
+def cancel_run(manager: RunManager, run_id: int | None) -> str:
+    if run_id is None:
+        return "Select a run to cancel."
+    run = manager.cancel(int(run_id))
+    if run.status == RUNNING:
+        return f"Run {run.id}: asked to stop (SIGTERM; SIGKILL after {manager.grace_s:.0f} s)."
+    return f"Run {run.id} is {run.status}."
+
+
+def resume_run(manager: RunManager, run_id: int | None) -> str:
+    if run_id is None:
+        return "Select a run to resume."
+    try:
+        run = manager.resume(int(run_id))
+    except ValueError as e:
+        return f"**Cannot resume:** {e}"
+    return f"Run {run.id} is {run.status} again; it continues from its last checkpoint."
+
+
+def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int | None, str]:
+    """A new run with the selected run's config and the edits (a JSON object; null removes a key)."""
+    if run_id is None:
+        return None, "Select a run to clone."
+    manager = manager_of(ctx)
+    try:
+        edits = json.loads(edits_text) if (edits_text or "").strip() else {}
+        if not isinstance(edits, dict):
+            raise ValueError("edits are a JSON object, e.g. {\"learning_rate\": 1e-4, \"hsa\": false}")
+        source = manager.get(int(run_id))
+        from workbench.jobs import deep_merge
+
+        parse_config(deep_merge(source.config, {"output_dir": None, "resume": None, **edits}),
+                     base_dir=source.workdir)
+        run = manager.clone(int(run_id), edits)
+    except (json.JSONDecodeError, ValueError) as e:
+        return None, f"**Not cloned:** {e}"
+    return run.id, f"Run {run.id} ({run.name}) is {run.status}."
+
+
+@dataclass
+class ChatTarget:
+    label: str       # the Chat tab's model choice for this run ("run: run-0003")
+    base_model: str
+    adapter: str
+
+
+def chat_target(manager: RunManager, run_id: int) -> ChatTarget:
+    """What the Chat tab needs to talk to a finished run: its base model and adapter directory."""
+    run = manager.get(int(run_id))
+    adapter = run.output_dir / "adapter"
+    if run.status not in FINISHED or not (adapter / "adapter_config.json").exists():
+        raise ValueError(f"run {run.id} has no adapter yet ({run.status}); chat with it when it has succeeded")
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") \
+        or run.config.get("base_model")
+    try:
+        label = f"run: {run.output_dir.relative_to(manager.runs_dir).parts[0]}"
+    except ValueError:
+        label = str(adapter)
+    return ChatTarget(label=label, base_model=base, adapter=str(adapter))
+
+
+# ---- the tab --------------------------------------------------------------------------------------
+
+@dataclass
+class TrainTab:
+    """Components other tabs may wire to: `chat_button` fills `chat_model` with the Chat tab's
+    model choice for the selected run (app.py can then switch to the Chat tab)."""
+    chat_button: gr.Button
+    chat_model: gr.Textbox
+    selected_run: gr.Dropdown
+
+
+def build(ctx: AppContext) -> TrainTab:
+    manager = manager_of(ctx)
+    first_preset = next(iter(PRESETS))
+    p = {**DEFAULTS, "nproc": 1, **PRESETS[first_preset]}
+
+    with gr.Row():
+        with gr.Column(scale=3):
+            preset = gr.Dropdown(list(PRESETS), value=first_preset, label="Preset", elem_id="train-preset")
+            with gr.Row():
+                base_model = gr.Textbox(p["base_model"], label="Base model (default, a path or a hub id)", scale=2)
+                dataset = gr.Textbox("", label="Dataset: a ShareGPT .json/.jsonl (path in the workspace) or "
+                                     "store:NAME", placeholder="shapes.json or store:my-dataset", scale=2,
+                                     elem_id="train-dataset")
+            with gr.Row():
+                finetuning = gr.Radio(["lora", "full"], value=p["finetuning"], label="Fine-tuning")
+                quantization = gr.Radio(["none", "8bit", "4bit"], value=p["quantization"],
+                                        label="Quantization (4bit = QLoRA, NF4 + double quant)")
+                hsa = gr.Checkbox(p["hsa"], label="HSA mask during training", elem_id="train-hsa")
+            with gr.Row():
+                lora_r = gr.Number(p["lora_r"], precision=0, label="LoRA r")
+                lora_alpha = gr.Number(p["lora_alpha"], precision=0, label="LoRA alpha")
+                lora_dropout = gr.Number(p["lora_dropout"], label="LoRA dropout")
+                lora_target = gr.Textbox(", ".join(p["lora_target"]), label="LoRA target modules (or all-linear)")
+            with gr.Row():
+                learning_rate = gr.Number(p["learning_rate"], label="Learning rate")
+                lr_scheduler = gr.Dropdown(list(SCHEDULERS), value=p["lr_scheduler"], label="Scheduler")
+                warmup = gr.Number(p["warmup"], label="Warmup (steps, or a fraction < 1)")
+                epochs = gr.Number(p["epochs"], label="Epochs")
+                max_steps = gr.Number(p["max_steps"], precision=0, label="Max steps (-1: epochs)",
+                                      elem_id="train-max-steps")
+            with gr.Row():
+                batch_size = gr.Number(p["batch_size"], precision=0, label="Batch size / device")
+                grad_accum = gr.Number(p["grad_accum"], precision=0, label="Grad accumulation")
+                max_length = gr.Number(p["max_length"], precision=0, label="Max length")
+                seed = gr.Number(p["seed"], precision=0, label="Seed")
+                eval_split = gr.Number(p["eval_split"], label="Eval split")
+                nproc = gr.Number(1, precision=0, label="Processes (DDP)", minimum=1)
+            extra = gr.Textbox("", label="More keys (JSON), e.g. {\"save_steps\": 20, \"gradient_checkpointing\": true}",
+                               lines=1)
+            name = gr.Textbox("", label="Run name (optional)", elem_id="train-name")
+            with gr.Row():
+                preview_button = gr.Button("Preview command", elem_id="train-preview")
+                start_button = gr.Button("Start", variant="primary", elem_id="train-start")
+            message = gr.Markdown(elem_id="train-message")
+        with gr.Column(scale=2):
+            command_box = gr.Code(label="Command", language="shell", interactive=False, elem_id="train-command")
+            config_box = gr.Code(label="Config", language="json", interactive=False, elem_id="train-config")
+
+    gr.Markdown("### Runs")
+    runs_table = gr.Dataframe(headers=RUN_HEADERS, value=runs_rows(manager), interactive=False, wrap=True,
+                              elem_id="train-runs")
+    with gr.Row():
+        selected = gr.Dropdown(run_choices(manager), value=None, label="Run", scale=3, elem_id="train-run")
+        cancel_button = gr.Button("Cancel", scale=1, elem_id="train-cancel")
+        resume_button = gr.Button("Resume", scale=1, elem_id="train-resume")
+        chat_button = gr.Button("Chat with this run", scale=1, elem_id="train-chat")
+    action = gr.Markdown(elem_id="train-action")
+    summary = gr.Markdown(elem_id="train-summary")
+    plot = gr.Plot(curves_figure([]), label="Loss and learning rate", elem_id="train-curves")
+    with gr.Row():
+        log = gr.Textbox("", label="Log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log",
+                         scale=3)
+        with gr.Column(scale=2):
+            run_config = gr.Code(label="Run config", language="json", interactive=False)
+            edits = gr.Textbox("", label="Clone with edits (JSON)", placeholder="{\"learning_rate\": 1e-4, \"hsa\": false}")
+            clone_button = gr.Button("Clone into a new run", elem_id="train-clone")
+            chat_model = gr.Textbox("", label="Chat tab model for this run", interactive=False,
+                                    elem_id="train-chat-model")
+    timer = gr.Timer(2.0)
+
+    form = [base_model, dataset, finetuning, quantization, lora_r, lora_alpha, lora_dropout, lora_target,
+            learning_rate, lr_scheduler, warmup, epochs, max_steps, batch_size, grad_accum, max_length, hsa, seed,
+            eval_split, nproc, extra]
+
+    def values_of(*args) -> dict:
+        return dict(zip(FORM_FIELDS, args))
+
+    def on_preview(*args):
+        command, config, problems = preview(ctx, values_of(*args))
+        return command, config, problems
+
+    def on_start(run_name, *args):
+        command, config, problems = preview(ctx, values_of(*args))
+        run_id, text = start_run(ctx, values_of(*args), run_name)
+        if run_id is None:
+            return command, config, text, gr.update(), gr.update(), gr.update()
+        run = manager.get(run_id)
+        return (shlex.join(run.command), json.dumps(run.config, indent=2), text, runs_rows(manager),
+                gr.update(choices=run_choices(manager), value=run_id), "")
+
+    def on_select_row(evt: gr.SelectData, table):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            run_id = int(table.iloc[row, 0]) if hasattr(table, "iloc") else int(table[row][0])
+        except (ValueError, IndexError, TypeError):
+            return gr.update()
+        return gr.update(value=run_id)
+
+    def on_refresh(run_id):
+        # one poll: the table for everyone, the selected run's curves and log for this session
+        view = run_view(manager, run_id)
+        return (runs_rows(manager), gr.update(choices=run_choices(manager)), *view)
+
+    def on_cancel(run_id):
+        return cancel_run(manager, run_id)
+
+    def on_resume(run_id):
+        return resume_run(manager, run_id)
+
+    def on_clone(run_id, edits_text):
+        new_id, text = clone_run(ctx, run_id, edits_text)
+        if new_id is None:
+            return text, gr.update()
+        return text, gr.update(choices=run_choices(manager), value=new_id)
+
+    def on_chat(run_id):
+        if run_id is None:
+            return "Select a finished run.", ""
+        try:
+            target = chat_target(manager, run_id)
+        except ValueError as e:
+            return str(e), ""
+        return (f"In the Chat tab, pick **{target.label}** (base `{target.base_model}`, adapter "
+                f"`{target.adapter}`)."), target.label
+
+    preset.change(preset_values, preset, form)
+    preview_button.click(on_preview, form, [command_box, config_box, message])
+    start_button.click(on_start, [name, *form], [command_box, config_box, message, runs_table, selected, chat_model])
+    runs_table.select(on_select_row, runs_table, selected)
+    view_outputs = [summary, plot, log, run_config]
+    selected.change(lambda run_id: run_view(manager, run_id), selected, view_outputs)
+    timer.tick(on_refresh, selected, [runs_table, selected, *view_outputs], show_progress="hidden")
+    cancel_button.click(on_cancel, selected, action)
+    resume_button.click(on_resume, selected, action)
+    clone_button.click(on_clone, [selected, edits], [action, selected])
+    chat_button.click(on_chat, selected, [action, chat_model])
+    return TrainTab(chat_button=chat_button, chat_model=chat_model, selected_run=selected)
