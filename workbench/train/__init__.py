@@ -32,5 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    import warnings
+
+    # library deprecation notices would bury the run's own lines in the log the tab shows
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     train(config)
     return 0

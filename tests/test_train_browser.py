@@ -1,0 +1,92 @@
+"""The Train tab in a real Chromium: start a run on the default model, watch the loss curve grow,
+cancel it. The tab runs in its own `gr.Blocks` server process on a free port."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, screenshot, wait_for_http
+from test_train import build_default_model, write_shapes_dataset
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SERVER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import gradio as gr
+    from workbench.ui import train
+    from workbench.ui.context import AppContext
+
+    workspace, model, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    ctx = AppContext.create(workspace, default_model=model)
+    with gr.Blocks(title="Train tab") as demo:
+        with gr.Tab("Train", id="train"):
+            train.build(ctx)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=False)
+""")
+
+
+@pytest.fixture(scope="module")
+def train_tab(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("train_ws")
+    model = build_default_model(tmp_path_factory.mktemp("model"))
+    write_shapes_dataset(workspace, n=16)
+    port = free_port()
+    log = workspace / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(workspace), str(model), str(port)], cwd=ROOT,
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url, server, log)
+        yield url, workspace
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def points(page) -> int:
+    """Markers drawn on the train-loss trace of the curves plot."""
+    return page.locator("#train-curves .scatterlayer .trace").first.locator(".point").count()
+
+
+def test_start_a_run_and_watch_the_loss_curve_grow(train_tab, page):
+    url, workspace = train_tab
+    page.goto(url)
+    page.locator("#train-dataset textarea").fill("shapes.json")
+    page.locator("#train-max-steps input").fill("2000")
+    page.locator("#train-name textarea").fill("from the browser")
+    page.locator("#train-preview").click()
+    page.wait_for_function("document.querySelector('#train-command').innerText.includes('workbench.train')")
+    assert "run-0001/run_config.json" in page.locator("#train-command").inner_text()
+    screenshot(page, "train_preview")
+
+    page.locator("#train-start").click()
+    page.wait_for_function("document.querySelector('#train-message').innerText.includes('Run 1')")
+    deadline = time.monotonic() + 240
+    while points(page) < 2:
+        assert time.monotonic() < deadline, page.locator("#train-summary").inner_text()
+        time.sleep(1)
+    first = points(page)
+    screenshot(page, "train_curve_early")
+    time.sleep(6)  # a few timer refreshes later
+    later = points(page)
+    assert later > first, (first, later)
+    assert "[metrics] step=" in page.locator("#train-log textarea").input_value()
+    assert "running" in page.locator("#train-runs").inner_text()
+    screenshot(page, "train_curve_later")
+
+    page.locator("#train-cancel").click()
+    page.wait_for_function("document.querySelector('#train-runs').innerText.includes('cancelled')", timeout=60_000)
+    screenshot(page, "train_cancelled")
+    assert (workspace / "runs" / "run-0001" / "metrics.jsonl").exists()
