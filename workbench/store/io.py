@@ -314,18 +314,20 @@ def export_dataset(store: Store, name: str, fmt: str, out_dir, *, model=None, pr
 
 def load_tokenizer(model):
     """The processor (for VLMs) or tokenizer saved at `model` (a local directory; nothing is downloaded)."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from models.vlm.processor import load_processor
 
     path = Path(model)
     if not path.exists():
         raise StoreError(f"no model at {path}")
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - a tokenizer-only directory has no processor config
-        processor = None
-    if processor is None or not hasattr(processor, "apply_chat_template"):
-        processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return processor
+        return load_processor(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a tokenizer-only directory has no processor config
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # noqa: BLE001
+            raise StoreError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
 def _export_semantic_ids(store: Store, ids, path: Path, model, progress) -> ExportReport:

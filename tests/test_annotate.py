@@ -1,0 +1,239 @@
+"""The Annotate tab's handlers without a browser: UTF-16 offsets, snapping to tokens, labelling,
+stale saves, undo/redo, suggestions, navigation, import/export."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import shapes_png
+from models.hsa import GLOBAL, LANDMARK, NOISE
+from workbench.align import Span, align_record
+from workbench.store import Store, import_records
+from workbench.store.suggest import model_suggestions, rule_suggestions
+from workbench.ui.annotate import (WORDS, Annotator, code_point_to_utf16, render_view, selection_from_browser,
+                                   snap, token_view, utf16_to_code_point, word_view)
+
+TRICKY = "红色的圆 🙂 👍🏽 e\u0301 👨‍👩‍👧 ok\nnext"
+
+
+def utf16_len(text: str) -> int:  # an independent reference: what JavaScript's .length says
+    return len(text.encode("utf-16-le")) // 2
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=200)
+def test_utf16_offsets_match_javascript_lengths(text):
+    for i in range(len(text) + 1):
+        assert code_point_to_utf16(text, i) == utf16_len(text[:i])
+        assert utf16_to_code_point(text, utf16_len(text[:i])) == i
+
+
+def test_an_offset_inside_a_surrogate_pair_rounds_down():
+    text = "a🙂b"
+    assert [utf16_to_code_point(text, o) for o in range(5)] == [0, 1, 1, 2, 3]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "w.db") as s:
+        yield s
+
+
+def add(store, *records, dataset="d"):
+    report = import_records(store, dataset, [(f"record {i}", r) for i, r in enumerate(records)])
+    assert not report.errors, report.errors
+    return report.conversation_ids
+
+
+def rec(user=TRICKY, answer="The circle is red.", system=None):
+    r = {"conversations": [{"from": "human", "value": user},
+                           {"from": "gpt", "value": answer, "semantic_type": "LANDMARK"}]}
+    if system:
+        r["system"] = system
+    return r
+
+
+def test_a_browser_selection_of_emoji_and_combining_characters_lands_on_exactly_those_characters(
+        store, bpe_tokenizer):
+    [cid] = add(store, rec())
+    annotator = Annotator(store, lambda name: bpe_tokenizer)
+    for target in ("👍🏽", "e\u0301", "红色", "👨‍👩‍👧", "ok\nnext"):
+        conv = store.conversation(cid)
+        start = TRICKY.index(target)
+        # what the browser sends: UTF-16 offsets of the target in the turn's text
+        data = {"turn": 0, "a": utf16_len(TRICKY[:start]), "b": utf16_len(TRICKY[:start + len(target)]),
+                "role": NOISE}
+        result = annotator.edit(cid, conv.version, "ann", "tok", "label", data)
+        assert result["status"].startswith("✓ Saved"), result["status"]
+        conv = store.conversation(cid)
+        # snapped to whole tokens: the stored span covers the target, and no more than its tokens
+        view = token_view(conv, bpe_tokenizer)
+        span_start, span_end, _ = snap(view, 0, start, start + len(target))
+        assert conv.turns[0].spans[-1:] != [] and any(
+            s.start <= start and s.end >= start + len(target) and s.role == NOISE for s in conv.turns[0].spans)
+        noisy = {i for s in conv.turns[0].spans for i in range(s.start, s.end)}
+        assert set(range(span_start, span_end)) <= noisy
+        annotator.edit(cid, conv.version, "ann", "tok", "clear",
+                       {"turn": 0, "a": 0, "b": utf16_len(TRICKY)})
+    # the tokens that get NOISE are exactly those whose characters the label covers
+    conv = store.conversation(cid)
+    start = TRICKY.index("👍🏽")
+    conv = store.set_span(cid, 0, start, start + 2, NOISE, expected_version=conv.version)
+    aligned = align_record(conv.as_conversation(), bpe_tokenizer)
+    for k, (t, span) in enumerate(zip(aligned.turn_index, aligned.char_spans)):
+        if t == 0 and span is not None:
+            covers = span[0] < start + 2 and span[1] > start
+            assert (aligned.semantic_ids[k].item() == NOISE) == covers, (aligned.tokens[k], span)
+
+
+def test_selection_snaps_to_whole_tokens_in_one_turn(store):
+    [cid] = add(store, rec("What colour is the circle?"))
+    conv = store.conversation(cid)
+    view = word_view(conv)
+    text = conv.turns[0].text
+    # "olo" inside "colour" snaps to the whole word
+    a = text.index("olo")
+    assert selection_from_browser(conv, view, {"turn": 0, "a": a, "b": a + 3}) == (0, 5, 11)
+    # across a space: both words
+    assert selection_from_browser(conv, view, {"turn": 0, "a": 6, "b": 14}) == (0, 5, 14)
+
+
+def test_render_carries_utf16_offsets_and_escapes_html(store, bpe_tokenizer):
+    [cid] = add(store, rec("<b>bold</b> 🙂 x", answer="ok"))
+    conv = store.conversation(cid)
+    page = render_view(conv, token_view(conv, bpe_tokenizer, "tok"))
+    assert "<b>bold" not in page and "</b> 🙂" not in page and "&lt;" in page
+    text = conv.turns[0].text
+    # the token(s) of the emoji are marked with their UTF-16 range in the turn's text
+    e = text.index("🙂")
+    assert f'data-a="{utf16_len(text[:e])}"' in page or f'data-b="{utf16_len(text[:e + 1])}"' in page
+    assert 'data-t="0"' in page and 'data-t="1"' in page
+
+
+def test_labelling_undo_redo_and_turn_role_through_the_handlers(store):
+    [cid] = add(store, rec("What colour is the circle? lol nice weather"))
+    annotator = Annotator(store)
+    conv = store.conversation(cid)
+    text = conv.turns[0].text
+    a = text.index("lol")
+    shown = annotator.edit(cid, conv.version, "ann", WORDS, "label", {"turn": 0, "a": a, "b": len(text), "role": 2})
+    assert shown["version"] == 2 and "→ noise" in shown["status"]
+    assert store.conversation(cid).turns[0].spans == [Span(a, len(text), NOISE)]
+    assert 'class="tok r2 sp"' in shown["html"]
+    shown = annotator.edit(cid, shown["version"], "ann", WORDS, "turn_role", {"turn": 1, "role": GLOBAL})
+    assert store.conversation(cid).turns[1].role == GLOBAL
+    shown = annotator.edit(cid, shown["version"], "ann", WORDS, "undo", {})
+    assert store.conversation(cid).turns[1].role == LANDMARK
+    shown = annotator.edit(cid, shown["version"], "ann", WORDS, "undo", {})
+    assert store.conversation(cid).turns[0].spans == []
+    shown = annotator.edit(cid, shown["version"], "ann", WORDS, "redo", {})
+    assert store.conversation(cid).turns[0].spans == [Span(a, len(text), NOISE)]
+    assert [row[3] for row in shown["history"]] == ["redo", "undo", "undo", "edit", "edit", "import"]
+    shown = annotator.edit(cid, shown["version"], "ann", WORDS, "label", {"turn": 0})
+    assert shown["status"].startswith("⚠️ select some tokens")
+
+
+def test_a_stale_save_from_a_second_tab_is_refused_and_the_newer_version_shown(store):
+    [cid] = add(store, rec("What colour is the circle?"))
+    annotator = Annotator(store)
+    first = annotator.show(cid, WORDS)
+    second = annotator.show(cid, WORDS)
+    saved = annotator.edit(cid, first["version"], "tab1", WORDS, "label", {"turn": 0, "a": 0, "b": 4, "role": 2})
+    refused = annotator.edit(cid, second["version"], "tab2", WORDS, "label", {"turn": 0, "a": 0, "b": 4, "role": 1})
+    assert "Not saved" in refused["status"] and "changed by tab1" in refused["status"]
+    assert refused["version"] == saved["version"] == 2
+    assert store.conversation(cid).turns[0].spans == [Span(0, 4, NOISE)]
+
+
+def test_rule_suggestions_and_accepting_them_as_one_undoable_edit(store):
+    [cid] = add(store, {"system": "Answer about the image.",
+                        "conversations": [
+                            {"from": "human", "value": "What colour is the circle? I think it is green."},
+                            {"from": "gpt", "value": "It is red.", "semantic_type": "GLOBAL_CONDITION"},
+                            {"from": "human", "value": "Hello! Thanks a lot."}]})
+    conv = store.conversation(cid)
+    labels = rule_suggestions(conv)
+    text = conv.turns[1].text
+    assert labels[0] == (GLOBAL, [])
+    assert labels[1] == (GLOBAL, [Span(text.index("I think"), len(text), NOISE)])
+    assert labels[2] == (LANDMARK, [])
+    assert labels[3] == (NOISE, [])
+    annotator = Annotator(store)
+    page, payload, message = annotator.suggest(cid, WORDS, "rules")
+    assert "Suggestion preview" in page and "changes 3 of 4 turns" in message
+    assert store.conversation(cid).version == 1  # a suggestion is not saved until accepted
+    shown = annotator.edit(cid, 1, "ann", WORDS, "accept", json.loads(payload))
+    assert store.conversation(cid).labels() == labels
+    assert shown["history"][0][4] == "accepted rules suggestions"
+    annotator.edit(cid, shown["version"], "ann", WORDS, "undo", {})
+    assert store.conversation(cid).labels() == conv.labels()
+
+
+def test_model_suggestions_mark_least_attended_user_words_as_noise(store, bpe_tokenizer):
+    from conftest import tiny_qwen2vl
+
+    from conftest import build_qwen2vl_processor
+    processor = build_qwen2vl_processor(bpe_tokenizer)
+    model = tiny_qwen2vl(processor, attn_implementation="eager")
+    [cid] = add(store, rec("What color is the circle and how many shapes are there in the image today?"))
+    conv = store.conversation(cid)
+    labels = model_suggestions(model, processor, conv.as_conversation(), fraction=0.3)
+    text = conv.turns[0].text
+    assert labels[1] == (LANDMARK, [])  # assistant turns are left to the rules
+    spans = labels[0][1]
+    assert spans and all(s.role == NOISE for s in spans)
+    for s in spans:  # whole words
+        assert (s.start == 0 or text[s.start - 1] == " ") and (s.end == len(text) or text[s.end] == " "
+                                                               or text[s.end - 1] == " ")
+
+
+def test_navigation_filter_search_and_progress(store):
+    ids = add(store, *[rec(f"Question {i} 🙂" if i % 2 else f"Plain {i}") for i in range(5)])
+    annotator = Annotator(store)
+    assert annotator.navigate("d", "all", "", -1) == (ids[0], "1 / 5")
+    assert annotator.navigate("d", "all", "", ids[0], step=1) == (ids[1], "2 / 5")
+    assert annotator.navigate("d", "all", "", ids[4], step=1) == (ids[4], "5 / 5")
+    assert annotator.navigate("d", "all", "", ids[0], jump=4) == (ids[3], "4 / 5")
+    assert annotator.navigate("d", "all", "question", -1) == (ids[1], "1 / 2")
+    annotator.edit(ids[2], 1, "ann", WORDS, "turn_role", {"turn": 0, "role": 2})
+    assert annotator.navigate("d", "labelled", "", -1) == (ids[2], "1 / 1")
+    assert annotator.navigate("d", "unlabelled", "", ids[0], step=2) == (ids[3], "3 / 4")
+    from workbench.ui.annotate import progress_text
+    assert "1 / 5 conversations labelled" in progress_text(store, "d")
+
+
+def test_import_with_progress_and_export_to_a_zip(store, tmp_path, bpe_tokenizer):
+    shapes_png(tmp_path / "red.png")
+    data = [rec(f"<image>Question {i}?") | {"images": ["red.png"]} for i in range(30)] + [{"conversations": []}]
+    source = tmp_path / "upload.json"
+    source.write_text(json.dumps(data))
+    annotator = Annotator(store, lambda name: bpe_tokenizer, exports_dir=tmp_path / "exports")
+    calls = []
+    message, name = annotator.import_upload(str(source), "", "ann", progress=lambda d, t: calls.append((d, t)))
+    assert name == "upload" and "Imported 30 of 31 records" in message and "record 30" in message
+    assert calls and calls[-1] == (31, 31)
+    archive, status = annotator.export("upload", "sharegpt", WORDS)
+    assert "Exported 30 conversations" in status
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        assert "upload.json" in names and "dataset_info.json" in names
+        assert sum(n.startswith("images/") and not n.endswith("/") for n in names) == 1  # one image, content-addressed
+    shown = annotator.show(store.conversation_ids("upload")[0], WORDS)
+    assert len(shown["images"]) == 1
+
+
+def test_a_long_conversation_renders_every_token(store, bpe_tokenizer):
+    turns = []
+    for i in range(40):
+        turns.append({"from": "human", "value": f"Question {i}: what colour is the circle? " * 5})
+        turns.append({"from": "gpt", "value": "The circle is red. " * 5, "semantic_type": "LANDMARK"})
+    [cid] = add(store, {"conversations": turns})
+    annotator = Annotator(store, lambda name: bpe_tokenizer)
+    shown = annotator.show(cid, "tok")
+    view = annotator.view(store.conversation(cid), "tok")[0]
+    assert len(view) > 2000
+    assert shown["html"].count('class="tok ') == sum(1 for s in view.char_spans if s is not None)
