@@ -61,7 +61,8 @@ def make_settings(mode, max_new_tokens, temperature, top_p, top_k, num_beams, re
                               seed=int(seed) if seed not in (None, "", -1) else None)
 
 
-def build(ctx: AppContext, backend: ChatBackend | None = None) -> None:
+def build(ctx: AppContext, backend: ChatBackend | None = None):
+    """Lays out the tab; returns a function other tabs call to open a model here (e.g. a run)."""
     backend = backend or ChatBackend(ctx)
     state = gr.State({"a": [], "b": []})
     with gr.Row():
@@ -247,3 +248,10 @@ def build(ctx: AppContext, backend: ChatBackend | None = None) -> None:
             yield ""
 
     api_button.click(chat_api, [api_message, api_history, api_model, api_settings], api_reply, api_name="chat")
+
+    def open_model(choice: str):
+        """An update for the model picker that lists (and selects) `choice`."""
+        choices = backend.model_choices()
+        return gr.Dropdown(choices=choices if choice in choices else [*choices, choice], value=choice)
+
+    return model_a, open_model
