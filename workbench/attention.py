@@ -279,7 +279,7 @@ def _sqrt_colorscale(name: str = "Viridis", steps: int = 12) -> list:
 
 
 def attention_figure(result: AttentionResult, mode: str = "on", *, start: int = 0, stop: int | None = None,
-                     max_cells: int = 200) -> go.Figure:
+                     max_cells: int = 200, max_labels: int = 64) -> go.Figure:
     """Heatmap of tokens start..stop (queries and keys), pooled for display when there are more
     than `max_cells`; axis labels are tokens coloured by role."""
     values = result.map(mode)
@@ -310,7 +310,9 @@ def attention_figure(result: AttentionResult, mode: str = "on", *, start: int = 
     title = {"off": "HSA off", "on": "HSA on", "diff": "HSA on − off"}[mode]
     pooled = f"; display pooled {factor}×{factor} (mean), numbers exact" if factor > 1 else ""
     shown = f"tokens {start}..{stop - 1} of {n}" if size < n else f"{n} tokens"
-    axis_ticks = dict(tickmode="array", tickvals=list(range(z.shape[0])), ticktext=ticks, tickfont=dict(size=9))
+    every = max(1, -(-len(ticks) // max_labels))  # readable labels; hover names every cell
+    axis_ticks = dict(tickmode="array", tickvals=list(range(0, len(ticks), every)), ticktext=ticks[::every],
+                      tickfont=dict(size=9))
     figure.update_layout(
         title=f"{title}: layer {result.layer}, {what} — {shown}{pooled}", height=760,
         margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white",
