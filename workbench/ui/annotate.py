@@ -14,8 +14,11 @@ import json
 import re
 import shutil
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+
+import gradio as gr
 
 from models.hsa import GLOBAL, LANDMARK, NOISE, ROLE_NAMES
 from workbench.align import AlignError, _token_role, align_record
@@ -62,7 +65,8 @@ class TokenView:
         return len(self.tokens)
 
 
-WORD = re.compile(r"\s+|\w[\w\u0300-\u036f\u200d]*|[^\w\s][\u0300-\u036f\ufe0f\u200d\U0001F3FB-\U0001F3FF]*")
+# a word (or one other character with its combining marks / modifiers) and the spaces after it
+WORD = re.compile(r"(?:\w[\w\u0300-\u036f\u200d]*|[^\w\s][\u0300-\u036f\ufe0f\u200d\U0001F3FB-\U0001F3FF]*)[ \t]*|\s+")
 
 
 def word_view(conv) -> TokenView:
@@ -121,6 +125,8 @@ def selection_from_browser(conv, view: TokenView, data: dict) -> tuple[int, int,
 
 def _token_html(text: str) -> str:
     shown = text.replace("\n", "↵\n")
+    if shown and unicodedata.category(shown[0]) in ("Mn", "Me", "Cf"):
+        shown = "◌" + shown  # a token of only a combining mark / joiner would have no width to click
     return html.escape(shown) if shown.strip() else html.escape(shown).replace(" ", "\u00b7")
 
 
@@ -466,14 +472,14 @@ root.addEventListener('mouseover', e => {
   const tok = e.target.closest('.tok');
   if (tok && +tok.dataset.t === anchor.turn) extend(tok);
 });
-root.addEventListener('mouseup', () => { if (dragging) { dragging = false; if (sel) trigger('select', sel); } });
+root.addEventListener('mouseup', () => { if (dragging) { dragging = false; if (sel) trigger('hsa_select', sel); } });
 root.addEventListener('click', e => {
   const button = e.target.closest('button[data-role]');
   if (!button) return;
-  if (button.classList.contains('tb')) { trigger('turn_role', {turn: +button.dataset.t, role: +button.dataset.role}); return; }
+  if (button.classList.contains('tb')) { trigger('hsa_turn_role', {turn: +button.dataset.t, role: +button.dataset.role}); return; }
   if (!sel) return;
-  if (button.dataset.role === 'clear') trigger('clear', sel);
-  else trigger('label', Object.assign({}, sel, {role: +button.dataset.role}));
+  if (button.dataset.role === 'clear') trigger('hsa_clear', sel);
+  else trigger('hsa_label', Object.assign({}, sel, {role: +button.dataset.role}));
   sel = null; anchor = null;
 });
 if (window.__hsaAnnotateKeys) document.removeEventListener('keydown', window.__hsaAnnotateKeys);
@@ -483,16 +489,16 @@ window.__hsaAnnotateKeys = e => {
   if (!root.offsetParent) return;  // the tab is not shown
   const digit = (e.code || '').startsWith('Digit') ? e.code.slice(5) : e.key;
   if ((e.ctrlKey || e.metaKey) && (e.key === 'z' || e.key === 'Z' || e.key === 'y')) {
-    trigger((e.key === 'y' || e.shiftKey) ? 'redo' : 'undo', {}); e.preventDefault(); return;
+    trigger((e.key === 'y' || e.shiftKey) ? 'hsa_redo' : 'hsa_undo', {}); e.preventDefault(); return;
   }
   if (e.key === 'Escape') { sel = null; anchor = null; paint(); return; }
   if (!sel) return;
   if (['1', '2', '3'].includes(digit)) {
     const role = +digit - 1;
-    if (e.shiftKey) trigger('turn_role', {turn: sel.turn, role: role});
-    else trigger('label', Object.assign({}, sel, {role: role}));
+    if (e.shiftKey) trigger('hsa_turn_role', {turn: sel.turn, role: role});
+    else trigger('hsa_label', Object.assign({}, sel, {role: role}));
   } else if (digit === '0' || e.key === 'Delete' || e.key === 'Backspace') {
-    trigger('clear', sel);
+    trigger('hsa_clear', sel);
   } else return;
   e.preventDefault();
   sel = null; anchor = null;
@@ -521,8 +527,6 @@ def _model_loader(ctx):
 
 
 def build(ctx) -> None:
-    import gradio as gr
-
     store = Store(ctx.db_path)
     exports = Path(ctx.workspace) / "exports"
     exports.mkdir(parents=True, exist_ok=True)
@@ -542,7 +546,7 @@ def build(ctx) -> None:
     with gr.Row():
         prev_button = gr.Button("◀ Previous", scale=1)
         where = gr.Textbox("0 / 0", label="Conversation", interactive=False, scale=1)
-        jump = gr.Number(label="Jump to #", precision=0, minimum=1, scale=1)
+        jump = gr.Number(1, label="Jump to #", precision=0, minimum=1, scale=1)
         next_button = gr.Button("Next ▶", scale=1)
         progress_md = gr.Markdown(progress_text(store, names[0] if names else None))
     status = gr.Markdown("", elem_id="annotate-status")
@@ -611,11 +615,11 @@ def build(ctx) -> None:
         return progress_text(store, d)
 
     for kind in ("label", "clear", "turn_role", "undo", "redo"):
-        getattr(view, kind)(on_edit(kind), edit_inputs, shown).then(after_edit, dataset, progress_md)
+        getattr(view, f"hsa_{kind}")(on_edit(kind), edit_inputs, shown).then(after_edit, dataset, progress_md)
     def describe(c, m, evt: gr.EventData):
         return annotator.describe_selection(c, m, evt._data or {})
 
-    view.select(describe, [conv_id, model], status, queue=False)
+    view.hsa_select(describe, [conv_id, model], status)
     undo_button.click(lambda c, v, a, m: present(annotator.edit(c, v, a, m, "undo", {})), edit_inputs, shown) \
         .then(after_edit, dataset, progress_md)
     redo_button.click(lambda c, v, a, m: present(annotator.edit(c, v, a, m, "redo", {})), edit_inputs, shown) \

@@ -1,0 +1,202 @@
+"""The Annotate tab in headless Chromium: label by keyboard and find it after a reload, offsets of
+emoji selected in the browser, and a stale save from a second tab refused."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, free_port, screenshot, shapes_png, tiny_qwen2vl, wait_for_http
+from models.zoo.processor import build_processor
+from models.hsa import LANDMARK, NOISE
+from workbench.store import Store, import_file
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SHAPES = [
+    {"system": "You answer questions about the image. Ignore chit-chat.", "images": ["red.png"],
+     "conversations": [
+         {"from": "human", "value": "<image>What colour is the circle?"},
+         {"from": "gpt", "value": "The circle is red.", "semantic_type": "LANDMARK"},
+         {"from": "human", "value": "I think the circle is green, my friend told me. 这个圆 🙂👍🏽 e\u0301!",
+          "semantic_type": "NOISE"},
+         {"from": "human", "value": "How many shapes are there?"},
+         {"from": "gpt", "value": "There is one shape.", "semantic_type": "LANDMARK"}]},
+    {"conversations": [{"from": "human", "value": "Is the square blue?"},
+                       {"from": "gpt", "value": "There is no square.", "semantic_type": "LANDMARK"}]},
+]
+
+LAUNCHER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import gradio as gr
+    from workbench.ui import annotate
+    from workbench.ui.context import AppContext
+
+    ctx = AppContext.create({workspace!r}, default_model={model!r})
+    with gr.Blocks(title="annotate") as demo:
+        with gr.Tab("Annotate"):
+            annotate.build(ctx)
+    demo.queue().launch(server_port={port}, allowed_paths=[str(ctx.workspace)])
+""")
+
+
+@pytest.fixture(scope="module")
+def annotate_app(tmp_path_factory):
+    """The tab in a small Blocks of its own, on a free port, over a workspace with a dataset."""
+    workspace = tmp_path_factory.mktemp("annotate-ws")
+    # a real (tiny, untrained) Qwen2-VL with the default model's processor: image tokens and all
+    processor = build_processor()
+    processor.save_pretrained(workspace / "tok")
+    tiny_qwen2vl(processor).save_pretrained(workspace / "tok")
+    data = workspace / "uploads"
+    data.mkdir(exist_ok=True)
+    shapes_png(data / "red.png")
+    (data / "shapes.json").write_text(json.dumps(SHAPES, ensure_ascii=False), encoding="utf-8")
+    db = workspace / "workbench.db"
+    with Store(db) as store:
+        assert not import_file(store, data / "shapes.json").errors
+    port = free_port()
+    script = workspace / "launch.py"
+    script.write_text(LAUNCHER.format(root=str(ROOT), workspace=str(workspace), model=str(workspace / "tok"),
+                                      port=port))
+    log = workspace / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url, process, log)
+        yield url, db
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def open_tab(page, url):
+    page.goto(url)
+    page.locator("#annotate-view .tok").first.wait_for(timeout=60_000)
+
+
+def utf16(text: str, i: int) -> int:
+    return len(text[:i].encode("utf-16-le")) // 2
+
+
+def covering(page, turn: int, text: str, target: str):
+    """The first and last token elements of `turn` that cover `target` (found by their UTF-16
+    offsets, since a tokenizer may split a word)."""
+    start = text.index(target)
+    a, b = utf16(text, start), utf16(text, start + len(target))
+    tokens = page.locator(f'#annotate-view .tok[data-t="{turn}"]')
+    hits = [k for k, t in enumerate(tokens.all())
+            if int(t.get_attribute("data-a")) < b and int(t.get_attribute("data-b")) > a]
+    assert hits, f"no token covers {target!r}"
+    return tokens.nth(hits[0]), tokens.nth(hits[-1])
+
+
+def select(page, turn: int, text: str, target: str):
+    first, last = covering(page, turn, text, target)
+    first.click()
+    if last != first:
+        last.click(modifiers=["Shift"])
+    wait_status(page, f"Selected turn {turn}")
+
+
+def wait_status(page, text: str):
+    page.locator("#annotate-status", has_text=text).wait_for(timeout=30_000)
+
+
+def spans_of(db, turn: int):
+    with Store(db) as store:
+        conv = store.conversation(store.conversation_ids("shapes")[0])
+        return conv, conv.turns[turn].spans
+
+
+def test_label_a_span_by_keyboard_and_find_it_after_a_reload(page, annotate_app):
+    url, db = annotate_app
+    open_tab(page, url)
+    screenshot(page, "annotate-open")
+    # select "green" .. "friend" in turn 3 by click and shift-click: a preview, nothing saved yet
+    text = spans_of(db, 3)[0].turns[3].text
+    select(page, 3, text, "green, my friend")
+    assert page.locator("#annotate-view .tok.sel").count() >= 3
+    screenshot(page, "annotate-selection-preview")
+    assert spans_of(db, 3)[1] == []
+    page.keyboard.press("2")
+    wait_status(page, "Saved")
+    conv, spans = spans_of(db, 3)
+    assert len(spans) == 1 and spans[0].role == LANDMARK
+    labelled = text[spans[0].start:spans[0].end]
+    assert "green" in labelled and "friend" in labelled and "circle is" not in labelled
+    screenshot(page, "annotate-labelled")
+    page.reload()
+    page.locator("#annotate-view .tok").first.wait_for(timeout=60_000)
+    first, last = covering(page, 3, text, "green, my friend")
+    assert "r1" in first.get_attribute("class") and "r1" in last.get_attribute("class")
+    assert "sp" in last.get_attribute("class")
+
+
+def test_emoji_and_combining_characters_selected_in_the_browser_land_on_those_characters(page, annotate_app):
+    url, db = annotate_app
+    open_tab(page, url)
+    conv, _ = spans_of(db, 3)
+    text = conv.turns[3].text
+    # the tokens of "🙂👍🏽" (a byte-level BPE may split one emoji into several tokens)
+    select(page, 3, text, "🙂👍🏽")
+    page.keyboard.press("3")
+    wait_status(page, "Saved")
+    conv, spans = spans_of(db, 3)
+    noise = [s for s in spans if s.role == NOISE]
+    assert len(noise) == 1
+    assert text[noise[0].start:noise[0].end].strip() == "🙂👍🏽"  # no more, no less (the space before may join)
+    # and the combining accent: é is two code points, one character on screen
+    select(page, 3, text, "e\u0301")
+    page.keyboard.press("1")
+    wait_status(page, "→ global")
+    conv, spans = spans_of(db, 3)
+    globals_ = [text[s.start:s.end] for s in spans if s.role == 0]
+    assert len(globals_) == 1 and "e\u0301" in globals_[0] and len(globals_[0].strip()) <= 3
+    screenshot(page, "annotate-unicode")
+    # undo by keyboard takes the last label back
+    page.keyboard.press("Control+z")
+    wait_status(page, "Undone")
+    assert [s for s in spans_of(db, 3)[1] if s.role == 0] == []
+
+
+def test_a_stale_save_from_a_second_tab_is_refused(browser, annotate_app):
+    url, db = annotate_app
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        first, second = context.new_page(), context.new_page()
+        open_tab(first, url)
+        open_tab(second, url)
+        before, _ = spans_of(db, 1)
+        text = before.turns[1].text
+        select(first, 1, text, "colour")
+        first.keyboard.press("3")
+        wait_status(first, "Saved")
+        # the second tab still shows the old version
+        select(second, 1, text, "circle")
+        second.keyboard.press("2")
+        wait_status(second, "Not saved")
+        screenshot(second, "annotate-stale-refused")
+        conv, spans = spans_of(db, 1)
+        assert conv.version == before.version + 1
+        labelled = [conv.turns[1].text[s.start:s.end] for s in spans]
+        assert len(spans) == 1 and spans[0].role == NOISE and "colour" in labelled[0]
+        # the refused tab now shows the newer version, so a retry is saved
+        assert "r2" in covering(second, 1, text, "colour")[0].get_attribute("class")
+        select(second, 1, text, "circle")
+        second.keyboard.press("2")
+        wait_status(second, "Saved")
+        assert len(spans_of(db, 1)[1]) == 2
+    finally:
+        context.close()
