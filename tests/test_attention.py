@@ -141,6 +141,22 @@ def test_figures_pool_for_display_but_keep_exact_numbers(model, processor, scene
     assert names == ["on noise, HSA off", "on image, HSA off", "on noise, HSA on", "on image, HSA on"]
 
 
+def test_a_layer_change_reuses_the_masses_and_gives_the_same_map(model, processor, scene_dir):
+    from workbench.attention import prepare_conversation
+
+    prepared = prepare_conversation(record_with_image(), processor, model=model, image_root=scene_dir)
+    first = compute_attention(model, processor, prepared, layer=1)
+    full = compute_attention(model, processor, prepared, layer=0, head=1)
+    quick = compute_attention(model, processor, prepared, layer=0, head=1, mass_from=first)
+    np.testing.assert_array_equal(quick.on, full.on)
+    np.testing.assert_array_equal(quick.off, full.off)
+    assert quick.noise_mass == full.noise_mass == first.noise_mass
+    assert quick.image_mass == first.image_mass and len(quick.images) == 1
+    other = compute_attention(model, processor, {"conversations": [{"from": "human", "value": "Hi."}]}, layer=0)
+    with pytest.raises(ValueError, match="another conversation"):
+        compute_attention(model, processor, prepared, layer=0, mass_from=other)
+
+
 def test_layer_and_head_are_checked(model, processor, scene_dir):
     with pytest.raises(ValueError, match="layer 2 is out of range"):
         compute_attention(model, processor, record_with_image(), layer=2, image_root=scene_dir)

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import torch
 
 from models.hsa import IMPLEMENTATION, NOISE, ROLE_NAMES, AttentionProbe
-from workbench.align import align_record, normalize_record, pad_batch, pad_token_id
+from workbench.align import Aligned, align_record, normalize_record, pad_batch, pad_token_id
 from workbench.mask_view import ROLE_COLORS, _label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +105,8 @@ def _text_config(model):
 
 
 def _image_token_id(model, processor) -> int | None:
-    for source in (processor, getattr(processor, "tokenizer", None), model.config):
-        value = getattr(source, "image_token_id", None)
+    for source in (processor, getattr(processor, "tokenizer", None), getattr(model, "config", None)):
+        value = getattr(source, "image_token_id", None) if source is not None else None
         if isinstance(value, int):
             return value
     return None
@@ -132,13 +132,56 @@ def _load_images(record: dict, image_root) -> list:
     return images
 
 
-def compute_attention(model, processor, record: dict, *, layer: int, head: int | None = None, image_root=None,
-                      max_length: int | None = None, chunk: int = 256, progress=None,
-                      model_name: str = "") -> AttentionResult:
+@dataclass
+class PreparedConversation:
+    """A conversation aligned for a model: the batch of one (without roles), its roles, which
+    tokens are image tokens, and its images. Reused when only the layer or head changes."""
+    aligned: Aligned
+    batch: dict
+    roles: torch.Tensor  # [1, L]
+    is_image: torch.Tensor  # [1, L] bool
+    images: list
+
+
+def prepare_conversation(record: dict, processor, *, model=None, image_root=None,
+                         max_length: int | None = None) -> PreparedConversation:
+    aligned = align_record(record, processor, image_root=image_root, max_length=max_length)
+    batch = pad_batch([aligned], pad_token_id=pad_token_id(processor))
+    batch.pop("labels")
+    roles = batch.pop("semantic_ids")
+    image_id = _image_token_id(model, processor)
+    is_image = batch["input_ids"] == image_id if image_id is not None else torch.zeros_like(roles, dtype=torch.bool)
+    images = _load_images(record, image_root) if bool(is_image.any()) else []
+    return PreparedConversation(aligned, batch, roles, is_image, images)
+
+
+class _LayerSeen(Exception):
+    """Raised inside the forward pass once the kept layer has reported: nothing later is needed."""
+
+
+class _StopAfterLayer:
+    """Passes each layer's report to the probe and ends the forward pass after `layer`'s."""
+
+    def __init__(self, probe: AttentionProbe, layer: int):
+        self.probe, self.layer = probe, layer
+
+    def observe(self, module, *args) -> None:
+        self.probe.observe(module, *args)
+        if getattr(module, "layer_idx", None) == self.layer:
+            raise _LayerSeen
+
+
+def compute_attention(model, processor, record, *, layer: int, head: int | None = None, image_root=None,
+                      max_length: int | None = None, chunk: int = 256, progress=None, model_name: str = "",
+                      mass_from: AttentionResult | None = None) -> AttentionResult:
     """One layer's attention map (head `head`, or the mean over heads when None) with HSA off and
     on, and per layer the mass GLOBAL/LANDMARK text queries put on NOISE keys and on image keys.
 
-    `progress(fraction, desc)` is told when each forward pass starts."""
+    `record` is a ShareGPT dict or a PreparedConversation; `progress(fraction, desc)` is told when
+    each forward pass starts. The per-layer masses depend on neither layer nor head: `mass_from`, a
+    result for the same conversation and model, lends its masses, and then each forward pass stops
+    at the chosen layer (a layer change costs a partial forward instead of a full one with every
+    layer's probabilities)."""
     check_hsa(model, model_name)
     config = _text_config(model)
     num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
@@ -146,28 +189,31 @@ def compute_attention(model, processor, record: dict, *, layer: int, head: int |
         raise ValueError(f"layer {layer} is out of range: the model has layers 0..{num_layers - 1}")
     if head is not None and not 0 <= head < num_heads:
         raise ValueError(f"head {head} is out of range: the model has heads 0..{num_heads - 1}")
-    aligned = align_record(record, processor, image_root=image_root, max_length=max_length)
-    batch = pad_batch([aligned], pad_token_id=pad_token_id(processor))
-    batch.pop("labels")
-    roles = batch.pop("semantic_ids")
-    image_id = _image_token_id(model, processor)
-    is_image = batch["input_ids"] == image_id if image_id is not None else torch.zeros_like(roles, dtype=torch.bool)
+    prepared = record if isinstance(record, PreparedConversation) else prepare_conversation(
+        record, processor, model=model, image_root=image_root, max_length=max_length)
+    roles, is_image = prepared.roles, prepared.is_image
+    if mass_from is not None and (len(mass_from) != roles.shape[1] or
+                                  len(mass_from.noise_mass["hsa_off"]) != num_layers):
+        raise ValueError("mass_from is a result for another conversation or model")
     # Text queries only: image tokens looking at each other would swamp the mass on the image.
     queries = (roles != NOISE) & ~is_image
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v.to(device) for k, v in prepared.batch.items()}
 
     probes = {}
     for step, (name, semantic_ids) in enumerate((("off", None), ("on", roles.to(device)))):
         if progress is not None:
             progress(0.1 + 0.4 * step, f"forward pass with HSA {name}")
-        probe = AttentionProbe(layer=layer, head=head, query_mask=queries.to(device),
-                               key_groups={"noise": (roles == NOISE).to(device), "image": is_image.to(device)},
-                               chunk=chunk)
+        groups = {} if mass_from is not None else {"noise": (roles == NOISE).to(device),
+                                                     "image": is_image.to(device)}
+        probe = AttentionProbe(layer=layer, head=head, query_mask=queries.to(device), key_groups=groups, chunk=chunk)
         extra = {"semantic_ids": semantic_ids} if semantic_ids is not None else {}
         try:
             with torch.no_grad():  # logits of one position only: not [L, vocab]
-                model(**inputs, **extra, hsa_probe=probe, logits_to_keep=1)
+                model(**inputs, **extra, logits_to_keep=1,
+                      hsa_probe=probe if mass_from is None else _StopAfterLayer(probe, layer))
+        except _LayerSeen:
+            pass
         except TypeError as error:  # a forward() that does not pass keyword arguments down to attention
             if not any(word in str(error) for word in ("hsa_probe", "semantic_ids", "logits_to_keep")):
                 raise
@@ -177,15 +223,17 @@ def compute_attention(model, processor, record: dict, *, layer: int, head: int |
                 model_name or type(model).__name__, f"layer {layer} never reported to the attention probe"))
         probes[name] = probe
 
-    positions, grids = _image_layout(batch, is_image[0], _merge_size(model, processor))
+    aligned = prepared.aligned
+    positions, grids = _image_layout(prepared.batch, is_image[0], _merge_size(model, processor))
     return AttentionResult(
         layer=layer, head=head, num_layers=num_layers, num_heads=num_heads, tokens=list(aligned.tokens),
         roles=aligned.semantic_ids.tolist(), turn_index=list(aligned.turn_index),
         off=probes["off"].maps[layer][0].numpy(), on=probes["on"].maps[layer][0].numpy(),
-        noise_mass={f"hsa_{k}": p.mass_by_layer("noise") for k, p in probes.items()},
-        image_mass={f"hsa_{k}": p.mass_by_layer("image") for k, p in probes.items()},
-        image_positions=positions, image_grids=grids,
-        images=_load_images(record, image_root) if positions else [], model_name=model_name)
+        noise_mass=mass_from.noise_mass if mass_from is not None else {
+            f"hsa_{k}": p.mass_by_layer("noise") for k, p in probes.items()},
+        image_mass=mass_from.image_mass if mass_from is not None else {
+            f"hsa_{k}": p.mass_by_layer("image") for k, p in probes.items()},
+        image_positions=positions, image_grids=grids, images=prepared.images, model_name=model_name)
 
 
 def _image_layout(batch: dict, is_image: torch.Tensor, merge: int):

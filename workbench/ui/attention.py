@@ -12,7 +12,8 @@ import gradio as gr
 from models.vlm import VLMLoadError
 from workbench.align import AlignError
 from workbench.attention import (AttentionResult, AttentionUnsupported, attention_figure, compute_attention,
-                                 default_overlay_token, image_overlay, load_model, mass_figure)
+                                 default_overlay_token, image_overlay, load_model, mass_figure,
+                                 prepare_conversation)
 from workbench.mask_view import _label, parse_conversation_text
 from workbench.ui.context import AppContext
 from workbench.ui.masks import resolve_images
@@ -45,11 +46,14 @@ def write_example_image(ctx: AppContext):
 
 
 class ModelCache:
-    """The last few loaded models by name (loading is the slow part; maps are recomputed)."""
+    """The last few loaded models by name (loading is the slow part), and for the last few
+    conversations their aligned inputs and last result, so that moving the layer or head slider
+    neither re-aligns nor re-measures the per-layer masses."""
 
-    def __init__(self, size: int = 2, loader=load_model):
-        self.size, self.loader = size, loader
+    def __init__(self, size: int = 2, loader=load_model, conversations: int = 4):
+        self.size, self.loader, self.conversations = size, loader, conversations
         self.models: OrderedDict = OrderedDict()
+        self.prepared: OrderedDict = OrderedDict()  # key -> [PreparedConversation, last AttentionResult]
         self.lock = threading.Lock()
 
     def get(self, name: str):
@@ -62,6 +66,18 @@ class ModelCache:
             while len(self.models) > self.size:
                 self.models.popitem(last=False)
             return loaded
+
+    def conversation(self, key, make) -> list:
+        with self.lock:
+            if key in self.prepared:
+                self.prepared.move_to_end(key)
+                return self.prepared[key]
+        entry = [make(), None]
+        with self.lock:
+            self.prepared[key] = entry
+            while len(self.prepared) > self.conversations:
+                self.prepared.popitem(last=False)
+        return entry
 
 
 def heatmap(result: AttentionResult, mode: str, start, window):
@@ -98,10 +114,14 @@ def compute(text, model_name, uploads, layer, head, mean_heads, max_length, ctx:
     if progress is not None:
         progress(0.02, desc=f"loading {name}")
     model, processor = cache.get(name)
+    length = int(max_length) if max_length else None
+    key = (name, json.dumps(record, sort_keys=True, default=str), length)
+    entry = cache.conversation(key, lambda: prepare_conversation(record, processor, model=model,
+                                                                 image_root=ctx.workspace, max_length=length))
     tell = (lambda fraction, desc: progress(fraction, desc=desc)) if progress is not None else None
-    result = compute_attention(model, processor, record, layer=int(layer), head=None if mean_heads else int(head),
-                               image_root=ctx.workspace, max_length=int(max_length) if max_length else None,
-                               progress=tell, model_name=name)
+    result = compute_attention(model, processor, entry[0], layer=int(layer), head=None if mean_heads else int(head),
+                               progress=tell, model_name=name, mass_from=entry[1])
+    entry[1] = result
     off, on = result.noise_mass["hsa_off"][result.layer], result.noise_mass["hsa_on"][result.layer]
     status = (f"**{len(result)} tokens**, {result.num_layers} layers × {result.num_heads} heads. "
               f"In layer {result.layer}, GLOBAL/LANDMARK text queries put **{off:.2%}** of their attention on "
