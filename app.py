@@ -29,16 +29,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_app(ctx):
     import gradio as gr
 
-    from workbench.ui import chat, masks
+    from workbench.ui import annotate, attention, chat, masks, train
 
     with gr.Blocks(title="HSA Workbench") as app:
         gr.Markdown("# HSA Workbench\nLabel conversation tokens as **global** / **landmark** / **noise**, "
                     "see the attention mask they make, train under it, and chat with the result.")
-        with gr.Tabs():
-            with gr.Tab("HSA mask", id="masks"):
-                masks.build(ctx)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Annotate", id="annotate"):
+                annotate.build(ctx)
+            with gr.Tab("Masks & Attention", id="masks"):
+                with gr.Tabs():
+                    with gr.Tab("HSA mask", id="mask"):
+                        masks.build(ctx)
+                    with gr.Tab("Attention", id="attention"):
+                        attention.build(ctx)
+            with gr.Tab("Train", id="train"):
+                train_tab = train.build(ctx)
             with gr.Tab("Chat", id="chat"):
-                chat.build(ctx)
+                chat_model, open_in_chat = chat.build(ctx)
+        # "Chat with this run" in the Train tab opens the run in the Chat tab.
+        train_tab.chat_model.change(
+            lambda label: (open_in_chat(label), gr.Tabs(selected="chat")) if label else (gr.skip(), gr.skip()),
+            train_tab.chat_model, [chat_model, tabs])
     return app
 
 

@@ -50,12 +50,13 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, warmu
     import torch
 
     from workbench.train import parse_config
-    from workbench.train.run import Collator, load_model, load_processor_for
+    from models.vlm.processor import load_processor
+    from workbench.train.run import Collator, load_model
 
     config = parse_config({"dataset": data, "base_model": model, "batch_size": batch_size, "max_steps": steps,
                            "quantization": QUANTIZATIONS[kind], "hsa": True})
     records = json.loads(Path(data).read_text())
-    processor = load_processor_for(model)
+    processor = load_processor(model)
     collate = Collator(processor, image_root=str(Path(data).parent), max_length=config.max_length, hsa=True)
     batches = [collate(records[i:i + batch_size]) for i in range(0, len(records) - batch_size + 1, batch_size)]
     net = load_model(config)

@@ -79,3 +79,12 @@ def test_mask_tab_in_the_browser(workbench_url, page, processor_dir):
     page.wait_for_selector("#mask-status:has-text(\"unknown semantic role 'CHATTER'\")", timeout=30_000)
     assert page.locator("#mask-plot .main-svg").count() >= 1  # the last good mask is still there
     screenshot(page, "masks-error")
+
+
+def test_a_saved_image_only_processor_loads_back_whole(tmp_path, qwen2vl_processor):
+    from models.vlm.processor import load_processor
+
+    qwen2vl_processor.save_pretrained(tmp_path)  # its class name is unknown to AutoProcessor
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    loaded = load_processor(str(tmp_path))
+    assert loaded.image_processor is not None and loaded.image_token_id == qwen2vl_processor.image_token_id

@@ -37,15 +37,24 @@ def qwen_image_processor(**kwargs):
     return Qwen2VLImageProcessorPil(**kwargs)
 
 
-def load_processor(path_or_id: str, **kwargs):
-    """AutoProcessor, or for Qwen2-VL-family checkpoints without torchvision the image-only one."""
+def _model_type(path_or_id: str, **kwargs) -> str | None:
     try:
-        return AutoProcessor.from_pretrained(path_or_id, **kwargs)
+        return AutoConfig.from_pretrained(path_or_id, **kwargs).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def load_processor(path_or_id: str, **kwargs):
+    """AutoProcessor, or for Qwen2-VL-family checkpoints the image-only processor where AutoProcessor
+    cannot give one: without torchvision, or when the saved processor class is not importable
+    (AutoProcessor then falls back to a bare tokenizer)."""
+    try:
+        processor = AutoProcessor.from_pretrained(path_or_id, **kwargs)
+        if getattr(processor, "image_processor", None) is not None or \
+                _model_type(path_or_id, **kwargs) not in QWEN_VL_TYPES:
+            return processor
     except ImportError as error:
-        if "torchvision" not in str(error).lower():
-            raise
-        model_type = AutoConfig.from_pretrained(path_or_id, **kwargs).model_type
-        if model_type not in QWEN_VL_TYPES:
+        if "torchvision" not in str(error).lower() or _model_type(path_or_id, **kwargs) not in QWEN_VL_TYPES:
             raise
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

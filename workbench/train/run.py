@@ -19,7 +19,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import get_last_checkpoint
 
 import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
-from models.vlm.processor import QWEN_VL_TYPES, ImageOnlyQwen2VLProcessor, load_processor
+from models.vlm.processor import load_processor
 from workbench.align import AlignError, HSACollator, normalize_record
 
 from .config import LORA_EXCLUDE, TrainConfig
@@ -107,22 +107,6 @@ class Collator:
 
 
 # ---- model ------------------------------------------------------------------------------------
-
-def load_processor_for(base_model: str):
-    """The model's processor; a Qwen2-VL-family checkpoint whose saved processor class is not
-    importable here comes back from AutoProcessor as a bare tokenizer, so assemble it."""
-    processor = load_processor(base_model)
-    if getattr(processor, "image_processor", None) is None:
-        from transformers import AutoConfig
-
-        if getattr(AutoConfig.from_pretrained(base_model), "model_type", "") in QWEN_VL_TYPES:
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(base_model)
-            processor = ImageOnlyQwen2VLProcessor(image_processor, processor,
-                                                  chat_template=getattr(processor, "chat_template", None))
-    return processor
-
 
 def compute_dtype(config: TrainConfig) -> torch.dtype:
     if config.dtype != "auto":
@@ -277,7 +261,7 @@ def train(config: TrainConfig) -> dict:
     train_records, eval_records = split_records(records, config.eval_split, config.seed)
     print(f"data: {len(train_records)} training and {len(eval_records)} eval conversations from {config.dataset}",
           flush=True)
-    processor = load_processor_for(config.base_model)
+    processor = load_processor(config.base_model)
     model = load_model(config)
     if hasattr(model, "print_trainable_parameters") and rank0:
         model.print_trainable_parameters()
