@@ -95,11 +95,11 @@ def test_selection_snaps_to_whole_tokens_in_one_turn(store):
     conv = store.conversation(cid)
     view = word_view(conv)
     text = conv.turns[0].text
-    # "olo" inside "colour" snaps to the whole word
+    # "olo" inside "colour" snaps to the whole word (words carry the space after them)
     a = text.index("olo")
-    assert selection_from_browser(conv, view, {"turn": 0, "a": a, "b": a + 3}) == (0, 5, 11)
+    assert selection_from_browser(conv, view, {"turn": 0, "a": a, "b": a + 3}) == (0, 5, 12)
     # across a space: both words
-    assert selection_from_browser(conv, view, {"turn": 0, "a": 6, "b": 14}) == (0, 5, 14)
+    assert selection_from_browser(conv, view, {"turn": 0, "a": 6, "b": 14}) == (0, 5, 15)
 
 
 def test_render_carries_utf16_offsets_and_escapes_html(store, bpe_tokenizer):
@@ -146,7 +146,7 @@ def test_a_stale_save_from_a_second_tab_is_refused_and_the_newer_version_shown(s
     refused = annotator.edit(cid, second["version"], "tab2", WORDS, "label", {"turn": 0, "a": 0, "b": 4, "role": 1})
     assert "Not saved" in refused["status"] and "changed by tab1" in refused["status"]
     assert refused["version"] == saved["version"] == 2
-    assert store.conversation(cid).turns[0].spans == [Span(0, 4, NOISE)]
+    assert store.conversation(cid).turns[0].spans == [Span(0, 5, NOISE)]  # "What " snapped
 
 
 def test_rule_suggestions_and_accepting_them_as_one_undoable_edit(store):

@@ -353,21 +353,27 @@ class Store:
     def conversations(self, dataset: str, *, status: str = "all", search: str = "") -> list[ConversationSummary]:
         """The conversations of a dataset in order; `status` all / labelled / unlabelled; `search`
         keeps those whose text contains it (case-insensitive)."""
+        db = self._db()
+        rows = self._select(db, "id, position, version, labelled", dataset, status, search)
+        previews = self._previews(db, [r[0] for r in rows])
+        return [ConversationSummary(cid, pos, ver, bool(lab), previews.get(cid, "")) for cid, pos, ver, lab in rows]
+
+    def conversation_ids(self, dataset: str, *, status: str = "all", search: str = "") -> list[int]:
+        """Like `conversations`, ids only (cheap enough to run on every navigation click)."""
+        return [row[0] for row in self._select(self._db(), "id", dataset, status, search)]
+
+    def _select(self, db, columns: str, dataset: str, status: str, search: str):
         if status not in ("all", "labelled", "unlabelled"):
             raise StoreError(f"status must be all, labelled or unlabelled, got {status!r}")
-        db = self._db()
-        dataset_id = self._dataset_id(db, dataset)
-        query = "SELECT id, position, version, labelled FROM conversations WHERE dataset_id = ?"
-        args: list = [dataset_id]
+        query = f"SELECT {columns} FROM conversations WHERE dataset_id = ?"
+        args: list = [self._dataset_id(db, dataset)]
         if status != "all":
             query += " AND labelled = ?"
             args.append(int(status == "labelled"))
         if search:
             query += " AND instr(search_text, ?) > 0"
             args.append(search.casefold())
-        rows = db.execute(query + " ORDER BY position", args).fetchall()
-        previews = self._previews(db, [r[0] for r in rows])
-        return [ConversationSummary(cid, pos, ver, bool(lab), previews.get(cid, "")) for cid, pos, ver, lab in rows]
+        return db.execute(query + " ORDER BY position", args).fetchall()
 
     def _previews(self, db, ids) -> dict[int, str]:
         found: dict[int, list] = {}
@@ -379,11 +385,6 @@ class Store:
                     f"WHERE conversation_id IN ({marks}) ORDER BY conversation_id, turn", chunk):
                 found.setdefault(cid, []).append((speaker, text))
         return {cid: _preview(turns) for cid, turns in found.items()}
-
-    def conversation_ids(self, dataset: str) -> list[int]:
-        db = self._db()
-        return [r[0] for r in db.execute("SELECT id FROM conversations WHERE dataset_id = ? ORDER BY position",
-                                         (self._dataset_id(db, dataset),))]
 
     def history(self, conversation_id: int) -> list[Revision]:
         """Every change to a conversation, oldest first: who, what, when."""
@@ -460,7 +461,7 @@ class Store:
                 raise StaleVersionError(
                     f"conversation {cid} was changed by {conv.updated_by or 'someone'} at "
                     f"{time.strftime('%H:%M:%S', time.localtime(conv.updated_at))} (now version {conv.version}, "
-                    f"this view was at version {expected_version}); your change was not saved: reload it first",
+                    f"this view was at version {expected_version}); your change was not saved",
                     conv.version)
             before = conv.labels()
             after = [(role, list(spans)) for role, spans in before]

@@ -168,8 +168,9 @@ def _read_image(image, k: int, name: str, base_dir: Path, max_bytes: int, max_pi
     return data, IMAGE_FORMATS[fmt]
 
 
-def save_image(image_dir: Path, data: bytes, ext: str) -> tuple[str, str]:
-    """Store image bytes content-addressed (written whole, then renamed into place)."""
+def save_image(image_dir: Path, data: bytes, ext: str, *, written: list | None = None) -> tuple[str, str]:
+    """Store image bytes content-addressed (written whole, then renamed into place). New files
+    are fsynced here, or, when a `written` list is given, collected there for `make_durable`."""
     sha = hashlib.sha256(data).hexdigest()
     relative = f"{sha[:2]}/{sha}.{ext}"
     target = image_dir / relative
@@ -178,10 +179,39 @@ def save_image(image_dir: Path, data: bytes, ext: str) -> tuple[str, str]:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+            if written is None:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, target)
+        if written is not None:
+            written.append(target)
     return sha, relative
+
+
+def make_durable(paths) -> None:
+    """Flush newly written files to disk before the database commits rows that name them: one
+    syncfs(2) of their file system on Linux (much cheaper than an fsync per image), else fsyncs."""
+    paths = list(paths)
+    if not paths:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(paths[0].parent, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -199,9 +229,10 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
                 prepared.append((name, prepare_record(record, name=name, base_dir=base_dir, **limits)))
             except RecordError as e:
                 report.errors.append(str(e))
+        written: list[Path] = []
         with store.batch(dataset) as add:
             for name, item in prepared:
-                images = [save_image(store.image_dir, data, ext) for data, ext in item.images]
+                images = [save_image(store.image_dir, data, ext, written=written) for data, ext in item.images]
                 try:
                     cid = add(item.conversation, images=images, extra=item.extra, author=author,
                               source=f"{source} {name}" if source else name)
@@ -210,6 +241,7 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
                     continue
                 report.stored += 1
                 report.conversation_ids.append(cid)
+            make_durable(written)  # the images are on disk before the rows naming them commit
         if progress:
             progress(min(start + batch_size, len(records)), len(records))
     return report

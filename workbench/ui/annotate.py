@@ -236,7 +236,7 @@ class Annotator:
     def ids(self, dataset, status="all", search="") -> list[int]:
         if not dataset:
             return []
-        return [c.id for c in self.store.conversations(dataset, status=status, search=search or "")]
+        return self.store.conversation_ids(dataset, status=status, search=search or "")
 
     def show(self, conv_id, model: str, status: str = "") -> dict:
         """Everything the tab shows for one conversation."""
