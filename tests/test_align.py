@@ -144,6 +144,7 @@ def test_images_expand_and_take_their_turns_role(qwen2vl_processor, tmp_path):
                                                    {"start": 3, "end": 8, "role": "landmark"}]), "overlap"),
     (lambda r: r["conversations"][1].update(value="   "), "turn 1: the turn has no text"),
     (lambda r: r["conversations"][1].update({"from": "robot"}), "unknown speaker 'robot'"),
+    (lambda r: r["conversations"][1].update({"from": ["human"]}), "unknown speaker ['human']"),
     (lambda r: r.update(images=["x.png"]), "0 <image> placeholder"),
     (lambda r: r.update(conversations=[]), "non-empty list"),
 ])

@@ -77,7 +77,7 @@ def normalize_record(record, *, index=None) -> Conversation:
             raise AlignError(f"{at}: a turn must be an object with from/value or role/content")
         speaker_raw = raw.get("from", raw.get("role"))
         text = raw.get("value", raw.get("content"))
-        if speaker_raw not in SPEAKERS:
+        if not isinstance(speaker_raw, str) or speaker_raw not in SPEAKERS:
             raise AlignError(f"{at}: unknown speaker {speaker_raw!r} (expected one of {sorted(SPEAKERS)})")
         if not isinstance(text, str):
             raise AlignError(f"{at}: the turn's text must be a string, got {type(text).__name__}")
@@ -270,7 +270,7 @@ def align_record(record, processor, *, image_root=None, max_length: int | None =
         if turn < 0:
             role = gen_role
         elif content:
-            role = _token_role(conv.turns[turn], char_roles[turn], content)
+            role = token_role(conv.turns[turn], char_roles[turn], content)
         else:
             role = conv.turns[turn].role
         roles.append(role)
@@ -296,7 +296,7 @@ def _per_token(value, token_offsets) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 1 and len(value) == len(token_offsets)
 
 
-def _token_role(turn: Turn, char_roles: list[int], content: list[int]) -> int:
+def token_role(turn: Turn, char_roles: list[int], content: list[int]) -> int:
     """A token covered (even partly) by a span takes the span's role; where several spans touch
     it, the one covering most of its characters (ties: the stronger restriction, NOISE)."""
     counts: dict[int, int] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from models.hsa import GLOBAL, LANDMARK, NOISE, ROLE_NAMES
-from workbench.align import AlignError, _token_role, align_record
+from workbench.align import AlignError, align_record, token_role
 from workbench.store import (FORMATS, FileError, StaleVersionError, Store, StoreError, export_dataset,
                              import_records, read_records)
 from workbench.store.db import labels_from_json, labels_to_json
@@ -79,7 +79,7 @@ def word_view(conv) -> TokenView:
             tokens.append(match.group())
             turns.append(t)
             spans.append((a, b))
-            roles.append(_token_role(turn, char_roles, list(range(a, b))))
+            roles.append(token_role(turn, char_roles, list(range(a, b))))
     return TokenView(tokens, turns, spans, roles, WORDS)
 
 
