@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     p_eval.add_argument("--attn", default=None, help="attention implementation (default: hsa if the model was trained with it)")
 
     p_exp = sub.add_parser("experiment", help="the HSA experiment: same tiny VLM trained with and without HSA")
-    p_exp.add_argument("--steps", type=int, default=None)
+    p_exp.add_argument("--base-steps", type=int, default=None, help="stage 1: clean training of the shared base")
+    p_exp.add_argument("--steps", type=int, default=None, help="stage 2: noisy training per arm and seed")
     p_exp.add_argument("--seeds", type=int, default=None, help="training seeds per arm")
     p_exp.add_argument("--n", type=int, default=None, help="held-out conversations per evaluation")
     p_exp.add_argument("--out", type=Path, default=None)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         from .experiment import ExperimentSettings, run_experiment
 
         settings = ExperimentSettings()
-        for name in ("steps", "seeds", "n"):
+        for name in ("base_steps", "steps", "seeds", "n"):
             if getattr(args, name) is not None:
                 setattr(settings, name, getattr(args, name))
         run_experiment(settings, args.out)

@@ -1,11 +1,16 @@
 """The HSA experiment: the same tiny VLM trained twice, identical but for HSA, then both asked the
 same held-out questions with more, and unseen kinds of, misleading NOISE turns.
 
-Arms: "hsa" trains and answers with attn_implementation="hsa" and semantic_ids; "plain" with SDPA
-and no roles. Same seeds, data, steps, initial weights. Training data has NOISE turns of the
-training kinds (chit-chat, false claims) before 30% of the questions.
+To fit a shared 2-core CPU, training has two stages:
+1. a base model learns the shapes task on clean conversations (no NOISE tokens, so the HSA mask is
+   exactly the causal mask: HSA on or off is the same computation here), once;
+2. from that base, each arm is trained on with NOISE turns of the training kinds (chit-chat, false
+   claims) before 30% of the questions: "hsa" with attn_implementation="hsa" and semantic_ids,
+   "plain" with SDPA and no roles. Same data, steps and starting weights; repeated over seeds
+   (the seed picks the stage-2 data and order).
+Each arm answers with the attention it was trained with.
 
-Evaluation conditions, on the same held-out conversations per seed:
+Evaluation conditions use the same held-out scenes and questions (only the NOISE differs):
 - clean:          no NOISE at all
 - train-noise:    NOISE as in training
 - heavy:          NOISE before every question, 1-3 items, including kinds never seen in training
@@ -15,6 +20,7 @@ Evaluation conditions, on the same held-out conversations per seed:
                   it separates what the noise's content does from what its mere length does: for
                   the HSA arm the noise is invisible, so any gap is the position shift of the
                   tokens after it (RoPE positions still count the hidden tokens).
+The base model (stage 1 only) is evaluated too, plain and with HSA at inference only.
 """
 from __future__ import annotations
 
@@ -36,9 +42,10 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class ExperimentSettings:
-    steps: int = 500
-    seeds: int = 3
-    n: int = 30  # held-out conversations per condition and seed
+    base_steps: int = 1600
+    steps: int = 200  # stage 2, per arm and seed
+    seeds: int = 2
+    n: int = 25  # held-out conversations per condition and seed
     batch_size: int = 16
     train_noise: shapes.NoiseSpec = shapes.TRAIN_NOISE
     heavy_noise: shapes.NoiseSpec = shapes.HEAVY_NOISE
@@ -95,27 +102,39 @@ def wilson(correct: int, total: int) -> tuple[float, float]:
 
 def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | None = None,
                    progress: bool = True) -> dict:
+    import copy
+
     settings = settings or ExperimentSettings()
     out_dir = Path(out_dir or OUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     started = time.monotonic()
+    base_settings = BuildSettings(steps=settings.base_steps, batch_size=settings.batch_size, seed=0, hsa=True,
+                                  noise=shapes.CLEAN, threads=settings.threads, data_split="base")
+    base, processor, base_history = train(base_settings, progress=progress)
+    data = {seed: conditions(settings.n, 1000 + seed, settings) for seed in range(settings.seeds)}
+
+    def evaluate_all(model, arm: str, seed: int, hsa: bool, final_loss: float) -> None:
+        run = {"seed": seed, "arm": arm, "final_loss": final_loss, "conditions": {}}
+        for name, samples in data[seed].items():
+            result = evaluate(model, processor, samples, hsa=hsa)
+            run["conditions"][name] = {**result.to_dict(), "correct": sum(g.correct for g in result.graded)}
+            if progress:
+                print(f"seed {seed} {arm:<10} {name:<14} accuracy {result.accuracy:.3f}", flush=True)
+        runs.append(run)
+        # written after every run, so a long experiment can be inspected (and survives a stop)
+        write_results(out_dir, settings, runs, time.monotonic() - started)
+
     for seed in range(settings.seeds):
-        data = conditions(settings.n, 1000 + seed, settings)
+        for arm, hsa in (("base-plain", False), ("base-hsa", True)):
+            base.set_attn_implementation("hsa" if hsa else "sdpa")
+            evaluate_all(base, arm, seed, hsa, base_history[-1][1])
         for arm in settings.arms:
-            build = BuildSettings(steps=settings.steps, batch_size=settings.batch_size, seed=seed, hsa=arm == "hsa",
-                                  noise=settings.train_noise, threads=settings.threads,
-                                  warmup_steps=min(60, settings.steps // 10))
-            model, processor, history = train(build, progress=progress)
-            run = {"seed": seed, "arm": arm, "final_loss": history[-1][1], "conditions": {}}
-            for name, samples in data.items():
-                result = evaluate(model, processor, samples, hsa=arm == "hsa")
-                run["conditions"][name] = {**result.to_dict(), "correct": sum(g.correct for g in result.graded)}
-                if progress:
-                    print(f"seed {seed} {arm:<5} {name:<14} accuracy {result.accuracy:.3f}", flush=True)
-            runs.append(run)
-            # written after every run, so a long experiment can be inspected (and survives a stop)
-            write_results(out_dir, settings, runs, time.monotonic() - started)
+            stage2 = BuildSettings(steps=settings.steps, batch_size=settings.batch_size, seed=seed, hsa=arm == "hsa",
+                                   noise=settings.train_noise, threads=settings.threads, data_split="noisy",
+                                   learning_rate=1e-3, warmup_steps=min(30, settings.steps // 10))
+            model, _, history = train(stage2, processor=processor, model=copy.deepcopy(base), progress=progress)
+            evaluate_all(model, arm, seed, arm == "hsa", history[-1][1])
     summary = write_results(out_dir, settings, runs, time.monotonic() - started)
     plot(summary, out_dir / "hsa_experiment.png")
     if progress:
@@ -125,7 +144,7 @@ def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | N
 
 def summarize(runs: list[dict], settings: ExperimentSettings) -> dict:
     table = {}
-    for arm in settings.arms:
+    for arm in ("base-plain", "base-hsa", *settings.arms):
         for name in CONDITIONS:
             cells = [r["conditions"][name] for r in runs if r["arm"] == arm and name in r["conditions"]]
             if not cells:
@@ -147,12 +166,12 @@ def write_results(out_dir: Path, settings: ExperimentSettings, runs: list[dict],
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'arm':<6} {'condition':<14} {'accuracy':>9}  {'95% CI (seeds)':>17}  {'95% CI (pooled)':>17}")
+    print(f"{'arm':<10} {'condition':<14} {'accuracy':>9}  {'95% CI (seeds)':>17}  {'95% CI (pooled)':>17}")
     for arm, rows in summary["table"].items():
         for name, row in rows.items():
             lo, hi = row["ci95_seeds"]
             plo, phi = row["ci95_pooled_wilson"]
-            print(f"{arm:<6} {name:<14} {row['mean']:>9.3f}  [{lo:6.3f}, {hi:6.3f}]  [{plo:6.3f}, {phi:6.3f}]")
+            print(f"{arm:<10} {name:<14} {row['mean']:>9.3f}  [{lo:6.3f}, {hi:6.3f}]  [{plo:6.3f}, {phi:6.3f}]")
 
 
 def plot(summary: dict, path: Path) -> Path:
@@ -164,9 +183,9 @@ def plot(summary: dict, path: Path) -> Path:
     table = summary["table"]
     arms = list(table)
     names = [c for c in CONDITIONS if all(c in table[a] for a in arms)]
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / max(1, len(arms))
-    colours = {"hsa": "#2a7ab9", "plain": "#d9822b"}
+    colours = {"hsa": "#2a7ab9", "plain": "#d9822b", "base-hsa": "#9cc3e0", "base-plain": "#f0c08f"}
     for k, arm in enumerate(arms):
         xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(names))]
         means = [table[arm][c]["mean"] for c in names]
@@ -182,8 +201,8 @@ def plot(summary: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("answer accuracy (exact)")
     s = summary["settings"]
-    ax.set_title(f"HSA vs plain attention, tiny Qwen2-VL, {s['steps']} steps, {s['seeds']} seeds "
-                 f"(bars: 95% CI over seeds)", fontsize=9)
+    ax.set_title(f"HSA vs plain attention, tiny Qwen2-VL: {s['base_steps']} clean steps + {s['steps']} noisy "
+                 f"steps per arm, {s['seeds']} seeds (bars: 95% CI over seeds)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,106 @@
+"""The default VLM: its tokenizer and processor, the build command, and the committed checkpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.zoo import shapes
+from models.zoo.build import DEFAULT_DIR
+from models.zoo.processor import CHAT_TEMPLATE, SPECIAL_TOKENS, build_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def test_tokenizer_has_qwen_special_tokens_and_chatml(processor):
+    tokenizer = processor.tokenizer
+    for token in SPECIAL_TOKENS:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        assert ids == [tokenizer.convert_tokens_to_ids(token)], token
+    assert tokenizer.image_token == "<|image_pad|>" and tokenizer.eos_token == "<|im_end|>"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    for odd in ["What colour is the circle?", "日本語 🙂 café e\u0301", "  two  spaces\n\ttab"]:
+        assert tokenizer.decode(tokenizer(odd)["input_ids"]) == odd  # byte-level: any text survives
+    assert len(tokenizer("The circle is red.")["input_ids"]) <= 6  # the shapes words are single tokens
+
+
+def test_processor_matches_qwen2vl_processor(processor):
+    """The image-only processor gives exactly what Qwen2VLProcessor gives for the same parts."""
+    from models.vlm.processor import ImageOnlyQwen2VLProcessor
+
+    qwen = ImageOnlyQwen2VLProcessor(processor.image_processor, processor.tokenizer, chat_template=CHAT_TEMPLATE)
+    sample = shapes.generate(1, seed=0)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ours = processor(text=[text], images=sample.record["images"], return_tensors="pt")
+    theirs = qwen(text=[text], images=sample.record["images"], return_tensors="pt")
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert (ours["input_ids"] == processor.tokenizer.image_token_id).sum() == 4  # 56x56: four image tokens
+    big = sample.record["images"][0].resize((640, 480))
+    assert (processor(text=[text], images=[big], return_tensors="pt")["input_ids"]
+            == processor.tokenizer.image_token_id).sum() <= 4  # any picture stays small
+
+
+LOAD_WITH_AUTO_CLASSES = """
+import sys, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+path = sys.argv[1]
+processor = AutoProcessor.from_pretrained(path)
+model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
+text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+inputs = processor(text=[text], images=[Image.new("RGB", (56, 56), "white")], return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+assert logits.shape[-1] == len(processor.tokenizer), logits.shape
+print(type(model).__name__, type(processor).__name__, model.dtype)
+"""
+
+
+def load_in_fresh_interpreter(path: Path) -> str:
+    """Auto classes only, nothing of this project imported: as any other program would load it."""
+    done = subprocess.run([sys.executable, "-c", LOAD_WITH_AUTO_CLASSES, str(path)], capture_output=True,
+                          text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_build_command_makes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "vlm"
+    done = subprocess.run([sys.executable, "-m", "models.zoo", "build", "--steps", "3", "--batch-size", "2",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3/3" in done.stderr  # the progress bar ran to the end
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "build.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "build.json").read_text())["settings"]["steps"] == 3
+    assert "Qwen2VLForConditionalGeneration PaddleOCRVLProcessor torch.float32" in load_in_fresh_interpreter(out)
+
+
+def test_committed_default_model_is_small():
+    weights = DEFAULT_DIR / "model.safetensors"
+    assert weights.exists(), "the default model is missing: python -m models.zoo build"
+    assert weights.stat().st_size <= 25 * 2**20
+    config = json.loads((DEFAULT_DIR / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl" and config["hsa_trained"] is True
+
+
+@pytest.mark.slow
+def test_committed_default_model_loads_with_auto_classes():
+    assert "Qwen2VLForConditionalGeneration" in load_in_fresh_interpreter(DEFAULT_DIR)
