@@ -75,8 +75,10 @@ def load_model(path_or_id: str | Path):
     try:
         model, processor = load_vlm(name)
     except VLMLoadError as error:
-        if "attn" in str(error).lower() or "attention" in str(error).lower():
-            raise AttentionUnsupported(_unsupported_message(name, str(error.__cause__ or error))) from error
+        # load_vlm's own message always names attn_implementation; the cause says whether it was to blame
+        cause = str(error.__cause__ or "")
+        if "attn" in cause.lower() or "attention" in cause.lower():
+            raise AttentionUnsupported(_unsupported_message(name, cause)) from error
         raise
     check_hsa(model, name)
     return model, processor
