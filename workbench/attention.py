@@ -22,7 +22,7 @@ import torch
 
 from models.hsa import IMPLEMENTATION, NOISE, ROLE_NAMES, AttentionProbe
 from workbench.align import Aligned, align_record, normalize_record, pad_batch, pad_token_id
-from workbench.mask_view import ROLE_COLORS, _label
+from workbench.mask_view import ROLE_COLORS, token_label
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "zoo" / "default_vlm"
@@ -341,7 +341,7 @@ def attention_figure(result: AttentionResult, mode: str = "on", *, start: int = 
     factor = max(1, -(-size // max_cells))
     z = _mean_pool(window, factor) if factor > 1 else window
     idx = [start + k * factor for k in range(z.shape[0])]
-    labels = [_label(i, result.tokens[i]) for i in idx]
+    labels = [token_label(i, result.tokens[i]) for i in idx]
     roles = [result.roles[i] for i in idx]
     ticks = [f"<span style='color:{ROLE_COLORS[r]}'>{label}</span>" for label, r in zip(labels, roles)]
     hover = [[f"query {labels[i]} ({ROLE_NAMES[roles[i]]})<br>key {labels[j]} ({ROLE_NAMES[roles[j]]})"

@@ -97,7 +97,7 @@ def token_highlights(view: MaskView) -> list[tuple[str, str]]:
     return [(token, ROLE_NAMES[int(role)]) for token, role in zip(view.aligned.tokens, view.roles)]
 
 
-def _label(k: int, token: str) -> str:
+def tokentoken_label(k: int, token: str) -> str:
     shown = token.replace("\n", "⏎").replace(" ", "·")
     return f"{k}:{shown[:14]}"
 
@@ -121,10 +121,10 @@ def mask_figure(view: MaskView, *, max_cells: int = 256) -> go.Figure:
     n = len(tokens)
     factor = max(1, -(-n // max_cells))
     z = _pool(view.categories, factor) if factor > 1 else view.categories
-    labels = [_label(k * factor, tokens[k * factor]) for k in range(z.shape[0])]
+    labels = [token_label(k * factor, tokens[k * factor]) for k in range(z.shape[0])]
     roles = view.roles
-    hover = [[f"query {_label(i * factor, tokens[i * factor])} ({ROLE_NAMES[roles[i * factor]]})<br>"
-              f"key {_label(j * factor, tokens[j * factor])} ({ROLE_NAMES[roles[j * factor]]})<br>"
+    hover = [[f"query {token_label(i * factor, tokens[i * factor])} ({ROLE_NAMES[roles[i * factor]]})<br>"
+              f"key {token_label(j * factor, tokens[j * factor])} ({ROLE_NAMES[roles[j * factor]]})<br>"
               f"{CATEGORY_NAMES[z[i, j]]}" for j in range(z.shape[1])] for i in range(z.shape[0])]
     count = len(CATEGORY_NAMES)
     colorscale = []

@@ -42,28 +42,33 @@ class AttentionProbe:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         kv_len = key.shape[2]
         kept = torch.zeros(batch, q_len, kv_len) if keep_map else None
-        sums = {name: 0.0 for name in self.key_groups}
+        names = list(self.key_groups)
+        # all key groups at once: [B, 1, K, G], so mass is one matmul per chunk
+        groups = (torch.stack([self.key_groups[n][:, :kv_len] for n in names], dim=-1).float()[:, None]
+                  if names else None)
+        sums = torch.zeros(len(names))
         count = 0
         queries = self.query_mask[:, -q_len:] if self.query_mask is not None else None
         for start in range(0, q_len, self.chunk):
             stop = min(start + self.chunk, q_len)
-            scores = torch.matmul(query[:, :, start:stop].float(), key.transpose(2, 3)) * scale
+            selected = (queries[:, start:stop] if queries is not None
+                        else torch.ones(batch, stop - start, dtype=torch.bool))
+            if not keep_map and not selected.any():
+                continue  # nothing to measure in this chunk and no map to keep
+            scores = torch.matmul(query[:, :, start:stop].float(), key.transpose(2, 3)).mul_(scale)
             if allowed is not None:
-                scores = scores.masked_fill(~allowed[:, :, start:stop, :kv_len], torch.finfo(scores.dtype).min)
+                scores.masked_fill_(~allowed[:, :, start:stop, :kv_len], torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)  # [B, H, chunk, K]
             if keep_map:
                 kept[:, start:stop] = probs.mean(1) if self.head is None else probs[:, self.head]
-            if self.key_groups:
-                selected = queries[:, start:stop] if queries is not None else torch.ones(
-                    batch, stop - start, dtype=torch.bool)
+            if names:
                 count += int(selected.sum()) * heads
-                for name, keys in self.key_groups.items():
-                    on_group = (probs * keys[:, None, None, :kv_len].to(probs.dtype)).sum(-1)  # [B, H, chunk]
-                    sums[name] += float((on_group * selected[:, None, :].to(probs.dtype)).sum())
+                on_groups = torch.matmul(probs, groups)  # [B, H, chunk, G]
+                sums += (on_groups * selected[:, None, :, None]).sum(dim=(0, 1, 2))
         if keep_map:
             self.maps[layer] = kept
-        for name in self.key_groups:
-            self.mass.setdefault(name, {})[layer] = sums[name] / count if count else 0.0
+        for index, name in enumerate(names):
+            self.mass.setdefault(name, {})[layer] = float(sums[index]) / count if count else 0.0
 
     def mass_by_layer(self, name: str) -> list[float]:
         layers = self.mass.get(name, {})

@@ -14,7 +14,7 @@ from workbench.align import AlignError
 from workbench.attention import (AttentionResult, AttentionUnsupported, attention_figure, compute_attention,
                                  default_overlay_token, image_overlay, load_model, mass_figure,
                                  prepare_conversation)
-from workbench.mask_view import _label, parse_conversation_text
+from workbench.mask_view import parse_conversation_text, token_label
 from workbench.ui.context import AppContext
 from workbench.ui.masks import resolve_images
 
@@ -99,7 +99,7 @@ def overlay(result: AttentionResult | None, token, mode: str):
         picture = picture.resize((picture.width * factor, picture.height * factor), 0)
     positions = result.image_positions[0]
     share = float(result.map(cells_mode)[token, positions].sum())
-    caption = (f"Token {_label(token, result.tokens[token])} with HSA {cells_mode}: "
+    caption = (f"Token {token_label(token, result.tokens[token])} with HSA {cells_mode}: "
                f"{share:.1%} of its attention is on this image.")
     if token < positions[0]:
         caption += " (It comes before the image, so it cannot see it.)"
