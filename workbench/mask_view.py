@@ -97,7 +97,7 @@ def token_highlights(view: MaskView) -> list[tuple[str, str]]:
     return [(token, ROLE_NAMES[int(role)]) for token, role in zip(view.aligned.tokens, view.roles)]
 
 
-def tokentoken_label(k: int, token: str) -> str:
+def token_label(k: int, token: str) -> str:
     shown = token.replace("\n", "⏎").replace(" ", "·")
     return f"{k}:{shown[:14]}"
 
