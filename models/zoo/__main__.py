@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     p_exp.add_argument("--seeds", type=int, default=None, help="training seeds per arm")
     p_exp.add_argument("--n", type=int, default=None, help="held-out conversations per evaluation")
     p_exp.add_argument("--out", type=Path, default=None)
+    p_exp.add_argument("--inference-only", action="store_true",
+                       help="no training: the default (or --model) model with HSA at inference on vs off")
+    p_exp.add_argument("--model", type=Path, default=None, help="with --inference-only: the model directory")
 
     p_export = sub.add_parser("export", help="write a shapes dataset as ShareGPT / LLaMA-Factory JSON + PNGs")
     p_export.add_argument("out", type=Path)
@@ -61,8 +64,11 @@ def main(argv=None) -> int:
         print_report(result)
         return 0
     if args.command == "experiment":
-        from .experiment import ExperimentSettings, run_experiment
+        from .experiment import ExperimentSettings, run_experiment, run_inference_study
 
+        if args.inference_only:
+            run_inference_study(args.model, n=args.n or 25, seeds=args.seeds or 2, out_dir=args.out)
+            return 0
         settings = ExperimentSettings()
         for name in ("base_steps", "steps", "seeds", "n"):
             if getattr(args, name) is not None:

@@ -21,6 +21,9 @@ Evaluation conditions use the same held-out scenes and questions (only the NOISE
                   the HSA arm the noise is invisible, so any gap is the position shift of the
                   tokens after it (RoPE positions still count the hidden tokens).
 The base model (stage 1 only) is evaluated too, plain and with HSA at inference only.
+
+`run_inference_study` (`python -m models.zoo experiment --inference-only`) is the cheap companion:
+no training, one trained model answering the same conditions with HSA at inference on and off.
 """
 from __future__ import annotations
 
@@ -120,7 +123,7 @@ def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | N
             result = evaluate(model, processor, samples, hsa=hsa)
             run["conditions"][name] = {**result.to_dict(), "correct": sum(g.correct for g in result.graded)}
             if progress:
-                print(f"seed {seed} {arm:<10} {name:<14} accuracy {result.accuracy:.3f}", flush=True)
+                print(f"seed {seed} {arm:<16} {name:<14} accuracy {result.accuracy:.3f}", flush=True)
         runs.append(run)
         # written after every run, so a long experiment can be inspected (and survives a stop)
         write_results(out_dir, settings, runs, time.monotonic() - started)
@@ -142,6 +145,40 @@ def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | N
     return summary
 
 
+def run_inference_study(model_path: Path | None = None, *, n: int = 25, seeds: int = 2,
+                        out_dir: Path | None = None, progress: bool = True) -> dict:
+    """A cheaper measurement on one trained model: the same model answering with HSA at inference
+    and without it (plain SDPA, so its attention sees the NOISE), on the four conditions."""
+    from models.vlm import load_vlm
+
+    from .build import DEFAULT_DIR
+
+    model_path = Path(model_path or DEFAULT_DIR)
+    out_dir = Path(out_dir or OUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = ExperimentSettings(seeds=seeds, n=n, arms=("hsa-inference", "plain-inference"))
+    runs, started = [], time.monotonic()
+    for seed in range(seeds):
+        data = conditions(n, 1000 + seed, settings)
+        for arm, attn in (("hsa-inference", "hsa"), ("plain-inference", "sdpa")):
+            model, processor = load_vlm(model_path, attn_implementation=attn, device="cpu")
+            run = {"seed": seed, "arm": arm, "conditions": {}}
+            for name, samples in data.items():
+                result = evaluate(model, processor, samples, hsa=attn == "hsa")
+                run["conditions"][name] = {**result.to_dict(), "correct": sum(g.correct for g in result.graded)}
+                if progress:
+                    print(f"seed {seed} {arm:<15} {name:<14} accuracy {result.accuracy:.3f}", flush=True)
+            runs.append(run)
+    summary = write_results(out_dir, settings, runs, time.monotonic() - started, name="inference_study.json")
+    summary["model"] = json.loads((model_path / "build.json").read_text()) if (model_path / "build.json").exists() else None
+    (out_dir / "inference_study.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out_dir / "inference_study.png",
+         title=f"One default model ({model_path.name}), HSA at inference on/off, {seeds} seeds x {n} conversations")
+    if progress:
+        print_table(summary)
+    return summary
+
+
 def summarize(runs: list[dict], settings: ExperimentSettings) -> dict:
     table = {}
     for arm in ("base-plain", "base-hsa", *settings.arms):
@@ -157,24 +194,25 @@ def summarize(runs: list[dict], settings: ExperimentSettings) -> dict:
     return table
 
 
-def write_results(out_dir: Path, settings: ExperimentSettings, runs: list[dict], seconds: float) -> dict:
+def write_results(out_dir: Path, settings: ExperimentSettings, runs: list[dict], seconds: float,
+                  name: str = "results.json") -> dict:
     summary = {"settings": {**asdict(settings), "train_noise": asdict(settings.train_noise),
                             "heavy_noise": asdict(settings.heavy_noise)},
                "seconds": round(seconds), "table": summarize(runs, settings), "runs": runs}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / name).write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'arm':<10} {'condition':<14} {'accuracy':>9}  {'95% CI (seeds)':>17}  {'95% CI (pooled)':>17}")
+    print(f"{'arm':<16} {'condition':<14} {'accuracy':>9}  {'95% CI (seeds)':>17}  {'95% CI (pooled)':>17}")
     for arm, rows in summary["table"].items():
         for name, row in rows.items():
             lo, hi = row["ci95_seeds"]
             plo, phi = row["ci95_pooled_wilson"]
-            print(f"{arm:<10} {name:<14} {row['mean']:>9.3f}  [{lo:6.3f}, {hi:6.3f}]  [{plo:6.3f}, {phi:6.3f}]")
+            print(f"{arm:<16} {name:<14} {row['mean']:>9.3f}  [{lo:6.3f}, {hi:6.3f}]  [{plo:6.3f}, {phi:6.3f}]")
 
 
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, title: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +223,8 @@ def plot(summary: dict, path: Path) -> Path:
     names = [c for c in CONDITIONS if all(c in table[a] for a in arms)]
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / max(1, len(arms))
-    colours = {"hsa": "#2a7ab9", "plain": "#d9822b", "base-hsa": "#9cc3e0", "base-plain": "#f0c08f"}
+    colours = {"hsa": "#2a7ab9", "plain": "#d9822b", "base-hsa": "#9cc3e0", "base-plain": "#f0c08f",
+               "hsa-inference": "#2a7ab9", "plain-inference": "#d9822b"}
     for k, arm in enumerate(arms):
         xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(names))]
         means = [table[arm][c]["mean"] for c in names]
@@ -201,7 +240,7 @@ def plot(summary: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("answer accuracy (exact)")
     s = summary["settings"]
-    ax.set_title(f"HSA vs plain attention, tiny Qwen2-VL: {s['base_steps']} clean steps + {s['steps']} noisy "
+    ax.set_title(title or f"HSA vs plain attention, tiny Qwen2-VL: {s['base_steps']} clean steps + {s['steps']} noisy "
                  f"steps per arm, {s['seeds']} seeds (bars: 95% CI over seeds)", fontsize=9)
     ax.legend()
     fig.tight_layout()
