@@ -62,6 +62,8 @@ def test_images_are_taken_from_uploads_or_the_workspace_only(tmp_path):
 @pytest.mark.browser
 def test_mask_tab_in_the_browser(workbench_url, page, processor_dir):
     page.goto(workbench_url)
+    page.get_by_role("tab", name="Masks & Attention").click()
+    page.get_by_role("tab", name="HSA mask", exact=True).click()
     page.fill("#mask-model textarea, #mask-model input", str(processor_dir))
     page.get_by_role("button", name="Example: ShareGPT JSON").click()
     page.wait_for_selector("#mask-status:has-text('causal query')", timeout=60_000)
