@@ -72,3 +72,22 @@ def test_finished_runs_are_found_by_their_adapters(tmp_path):
     checkpoint.mkdir()
     (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
     assert finished_runs(tmp_path) == {"run: run-1": ("/models/base", str(adapter))}
+
+
+def test_closing_a_stream_stops_the_generation(qwen2vl_processor, tmp_path):
+    import time
+
+    from conftest import tiny_qwen2vl
+    from models.vlm import GenerationSettings, stream_reply
+
+    model = tiny_qwen2vl(qwen2vl_processor)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    record = {"conversations": [{"from": "human", "value": "What color is the circle?"}]}
+    stream = stream_reply(model, qwen2vl_processor, record,
+                          settings=GenerationSettings(max_new_tokens=400))
+    next(stream)
+    stream.close()  # what Gradio does when the Stop button cancels the reply
+    steps = len(calls)
+    time.sleep(0.3)
+    assert len(calls) == steps < 100  # stopped near the first piece, nothing runs on after it

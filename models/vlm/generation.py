@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from threading import Thread
+from threading import Event, Thread
 from typing import Iterator
 
 import torch
@@ -115,8 +115,9 @@ def generate_reply(model, processor, record, *, settings: GenerationSettings | N
 def stream_reply(model, processor, record, *, settings: GenerationSettings | None = None, image_root=None,
                  hsa: bool | None = None) -> Iterator[str]:
     """The same reply as pieces of text as they are generated (generation runs in a thread).
-    Beam search cannot stream: it yields the whole reply once."""
-    from transformers import TextIteratorStreamer
+    Beam search cannot stream: it yields the whole reply once. Closing the iterator early (a
+    Stop button) stops the generation at its next token instead of letting it run on."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     settings = settings or GenerationSettings()
     if settings.mode == "beam":
@@ -128,11 +129,17 @@ def stream_reply(model, processor, record, *, settings: GenerationSettings | Non
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     failure: list[BaseException] = []
+    stop = Event()
+
+    class StopWhenClosed(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     def run():
         try:
             with torch.no_grad():
-                _generate(model, inputs, {**_generate_kwargs(model, processor, settings), "streamer": streamer})
+                _generate(model, inputs, {**_generate_kwargs(model, processor, settings), "streamer": streamer,
+                                          "stopping_criteria": StoppingCriteriaList([StopWhenClosed()])})
         except BaseException as error:  # surfaced in the caller's thread below
             failure.append(error)
             streamer.end()
@@ -140,12 +147,15 @@ def stream_reply(model, processor, record, *, settings: GenerationSettings | Non
     thread = Thread(target=run, daemon=True)
     thread.start()
     first = True
-    for piece in streamer:
-        if first:
-            piece = piece.lstrip()
-            first = not piece
-        if piece:
-            yield piece
-    thread.join()
+    try:
+        for piece in streamer:
+            if first:
+                piece = piece.lstrip()
+                first = not piece
+            if piece:
+                yield piece
+    finally:
+        stop.set()
+        thread.join()
     if failure:
         raise failure[0]
