@@ -39,7 +39,7 @@ class ModelSize:
 
 @dataclass
 class BuildSettings:
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 60
