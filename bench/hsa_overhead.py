@@ -5,16 +5,18 @@
   (c) the first published approach             an additive float bias [B,1,L,L] recomputed and added in
                                                every layer (hsa_bias + the causal mask), then SDPA
 
-Each (variant, length) runs in a fresh process so that peak memory (max RSS above the loaded model)
-is its own. Prints time and memory, and both as ratios against (a).
+Times are measured with the three variants interleaved step by step in one process, so that the
+noise of a shared machine hits all of them alike; peak memory (max RSS, and its growth above the
+loaded model) comes from a fresh process per variant. Prints both, and ratios against (a).
 
-    python bench/hsa_overhead.py [--lengths 512 1024 2048] [--repeats 3]
+    python bench/hsa_overhead.py [--lengths 512 1024 2048] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +41,10 @@ def additive_bias_attention(module, query, key, value, attention_mask, semantic_
     return sdpa_attention_forward(module, query, key, value, bias, is_causal=False, **kwargs)
 
 
-def run_one(variant: str, length: int, repeats: int) -> dict:
+IMPLEMENTATIONS = {"a": "sdpa", "b": "hsa", "c": "hsa_bias_per_layer"}
+
+
+def make_model(length: int):
     import torch
     from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -51,59 +56,80 @@ def run_one(variant: str, length: int, repeats: int) -> dict:
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
-    model = Qwen2ForCausalLM(config)
-    model.set_attn_implementation({"a": "sdpa", "b": "hsa", "c": "hsa_bias_per_layer"}[variant])
-    model.train()
+    model = Qwen2ForCausalLM(config).train()
     ids = torch.randint(0, 2048, (1, length))
     roles = torch.randint(0, 3, (1, length))
-    kwargs = {} if variant == "a" else {"semantic_ids": roles}
 
-    def step():
+    def step(variant):
+        model.set_attn_implementation(IMPLEMENTATIONS[variant])
         model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids, **kwargs).loss
-        loss.backward()
+        kwargs = {} if variant == "a" else {"semantic_ids": roles}
+        model(ids, labels=ids, **kwargs).loss.backward()
 
-    step()  # warm-up
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    return step
+
+
+def time_all(length: int, repeats: int) -> dict:
+    """Times of all variants, interleaved step by step in one process (noise hits all alike)."""
+    step = make_model(length)
+    for variant in VARIANTS:
+        step(variant)  # warm-up
+    times = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            step(variant)
+            times[variant].append(time.perf_counter() - start)
+    return {variant: statistics.median(t) for variant, t in times.items()}
+
+
+def peak_memory(variant: str, length: int) -> dict:
+    """Peak RSS of one variant alone in this (fresh) process, above the loaded model."""
+    import psutil
+
+    step = make_model(length)
+    base = psutil.Process().memory_info().rss / 1024  # KiB, like ru_maxrss on Linux
+    step(variant)
+    step(variant)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "length": length, "seconds": min(times),
-            "peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - base_rss) / 1024}
+    return {"peak_rss_mb": peak / 1024, "growth_mb": (peak - base) / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--memory", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats)))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.memory:
+        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]))))
         return
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward+backward, batch 1, "
-          f"Qwen2 decoder 4 layers x 256, best of {args.repeats}")
-    results = {}
-    for length in args.lengths:
-        for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--one", variant, str(length),
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True, cwd=ROOT,
-                                 check=True)
-            results[variant, length] = json.loads(out.stdout.strip().splitlines()[-1])
-    header = f"{'length':>6} | {'variant':<22} | {'time s':>7} | {'x (a)':>6} | {'peak RSS MB':>11} | {'x (a)':>6}"
+          f"Qwen2 decoder 4 layers x 256; time: median of {args.repeats}, variants interleaved; "
+          f"memory: peak RSS of a fresh process per variant")
+    header = (f"{'length':>6} | {'variant':<22} | {'time s':>7} | {'x (a)':>6} | {'peak RSS MB':>11} | "
+              f"{'growth MB':>9} | {'x (a)':>6}")
     print(header)
     print("-" * len(header))
     for length in args.lengths:
-        base = results["a", length]
+        times = time_all(length, args.repeats)
+        memory = {}
+        for variant in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--memory", variant, str(length)], capture_output=True,
+                                 text=True, cwd=ROOT, check=True)
+            memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         for variant, name in VARIANTS.items():
-            r = results[variant, length]
-            print(f"{length:>6} | {name:<22} | {r['seconds']:>7.3f} | {r['seconds'] / base['seconds']:>6.2f} | "
-                  f"{r['peak_rss_mb']:>11.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f}")
+            m = memory[variant]
+            print(f"{length:>6} | {name:<22} | {times[variant]:>7.3f} | {times[variant] / times['a']:>6.2f} | "
+                  f"{m['peak_rss_mb']:>11.0f} | {m['growth_mb']:>9.0f} | "
+                  f"{m['growth_mb'] / max(memory['a']['growth_mb'], 1e-9):>6.2f}")
 
 
 if __name__ == "__main__":

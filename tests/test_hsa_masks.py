@@ -107,3 +107,30 @@ def test_parse_role_accepts_ints_and_names(value, expected):
 def test_parse_role_names_the_bad_value(bad):
     with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(").replace(")", r"\)")):
         parse_role(bad)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_compacted_attention_equals_masked_sdpa_with_gradients(padding):
+    from types import SimpleNamespace
+
+    from models.hsa.attention import compacted_attention
+
+    gen = torch.Generator().manual_seed(11)
+    roles, real = random_batch(gen, 3, 29, padding)
+    q = torch.randn(3, 4, 29, 8, generator=gen, requires_grad=True)
+    k = torch.randn(3, 2, 29, 8, generator=gen, requires_grad=True)  # grouped-query attention
+    v = torch.randn(3, 2, 29, 8, generator=gen, requires_grad=True)
+    module = SimpleNamespace(training=False)
+    fast = compacted_attention(module, q, k, v, roles, real.bool())  # [B, L, H, D]
+    allowed = allowed_mask(roles, real)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    slow = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                                            enable_gqa=True).transpose(1, 2)
+    rows = real.bool()
+    torch.testing.assert_close(fast[rows], slow[rows], atol=1e-5, rtol=1e-5)
+    assert (fast[~rows] == 0).all()
+    weights = torch.randn(fast[rows].shape, generator=gen)
+    grads_fast = torch.autograd.grad((fast[rows] * weights).sum(), (q, k, v))
+    grads_slow = torch.autograd.grad((slow[rows] * weights).sum(), (q, k, v))
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -48,6 +48,11 @@ def hsa_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
 
+    if not want_weights and not query.is_cuda and query.shape[2] == key.shape[2] == semantic_ids.shape[-1]:
+        real = _plain_padding(attention_mask, query.shape[2])
+        if real is not None:
+            return compacted_attention(module, query, key, value, semantic_ids.to(query.device), real,
+                                       dropout=dropout, scaling=scaling), None
     allowed = hsa_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
     if want_weights:
         return eager_attention(module, query, key, value, allowed, dropout=dropout, scaling=scaling)
@@ -85,6 +90,51 @@ def hsa_allowed(module, query, key, attention_mask, semantic_ids, generation_rol
     # A padding query may have no visible key at all; let it see everything so softmax stays finite
     # (its output is never used). Real tokens always see themselves.
     return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def _plain_padding(attention_mask, length: int) -> torch.Tensor | None:
+    """[B, L] bool of real (non-padding) keys when the model's mask is exactly causal + key padding
+    (or absent); None for anything else (sliding windows, packed sequences, ...)."""
+    if attention_mask is None:
+        return torch.ones(1, length, dtype=torch.bool)
+    if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (length, length):
+        return None
+    real = attention_mask.any(dim=-2)[:, 0]  # a real key is seen at least by itself
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    if not torch.equal(attention_mask, causal & real[:, None, None, :]):
+        return None
+    return real
+
+
+def compacted_attention(module, query, key, value, roles, real, *, dropout=0.0, scaling=None) -> torch.Tensor:
+    """HSA without a dense mask in the common case (prefill / training, causal + padding):
+    GLOBAL/LANDMARK queries see exactly the GLOBAL/LANDMARK keys before them, so gathering those
+    tokens makes their attention plain causal SDPA (the fast kernel); NOISE queries see every real
+    key before them, a mask of only (noise queries x keys). Padding queries get zeros."""
+    from .roles import NOISE
+
+    batch, heads, length, _ = query.shape
+    gqa = heads != key.shape[1]
+    p = dropout if module.training else 0.0
+    out = query.new_zeros(query.shape)
+    roles = roles.expand(batch, -1)
+    real = real.to(query.device).expand(batch, -1)
+    positions = torch.arange(length, device=query.device)
+    for b in range(batch):
+        attend = ((roles[b] != NOISE) & real[b]).nonzero().squeeze(1)
+        noise = ((roles[b] == NOISE) & real[b]).nonzero().squeeze(1)
+        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+        if len(attend):
+            out[b:b + 1, :, attend] = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, attend], k[:, :, attend], v[:, :, attend], is_causal=True, dropout_p=p, scale=scaling,
+                enable_gqa=gqa)
+        if len(noise):
+            keys = real[b].nonzero().squeeze(1)
+            seen = positions[keys][None, :] <= noise[:, None]
+            out[b:b + 1, :, noise] = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, noise], k[:, :, keys], v[:, :, keys], attn_mask=seen[None, None], dropout_p=p,
+                scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
 
 
 def _plain_allowed(attention_mask, query, key, causal) -> torch.Tensor | None:
