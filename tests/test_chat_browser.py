@@ -16,8 +16,9 @@ def scene_png(tmp_path_factory):
     return path
 
 
-def last_reply(page) -> str:
-    return page.locator("#chat-a .message-row.bot-row, #chat-a [data-testid='bot']").last.inner_text()
+def wait_for_reply(page, text: str) -> None:
+    """Streams arrive piece by piece: wait for the whole expected answer (it fails if another comes)."""
+    page.wait_for_function(f"() => document.querySelector('#chat-a').innerText.includes({text!r})", timeout=120_000)
 
 
 def test_multi_turn_chat_with_an_image(workbench_url, page, scene_png):
@@ -25,34 +26,32 @@ def test_multi_turn_chat_with_an_image(workbench_url, page, scene_png):
     page.get_by_role("tab", name="Chat").click()
     page.set_input_files("#chat-input input[type=file]", str(scene_png))
     page.wait_for_selector("#chat-input img, #chat-input .thumbnail-item", timeout=30_000)
-    page.locator("#chat-input textarea").fill("What color is the circle?")
+    page.locator("#chat-input textarea").fill("Which shape is blue?")
     page.locator("#chat-input textarea").press("Enter")
-    page.wait_for_function("() => document.querySelector('#chat-a').innerText.includes('The circle is')",
-                           timeout=120_000)
+    wait_for_reply(page, "The blue shape is a circle.")
     page.wait_for_selector("#chat-input textarea:not([disabled])", timeout=120_000)
-    assert "The circle is blue." in page.inner_text("#chat-a")
+    assert "The blue shape is a circle." in page.inner_text("#chat-a")
     screenshot(page, "chat-first-answer")
     # a follow-up that only makes sense with the history
-    page.locator("#chat-input textarea").fill("And the square?")
+    page.locator("#chat-input textarea").fill("And the yellow one?")
     page.locator("#chat-input textarea").press("Enter")
-    page.wait_for_function("() => document.querySelector('#chat-a').innerText.includes('The square is')",
-                           timeout=120_000)
-    assert "The square is yellow." in page.inner_text("#chat-a")
+    wait_for_reply(page, "The yellow shape is a square.")
+    assert "The yellow shape is a square." in page.inner_text("#chat-a")
     screenshot(page, "chat-follow-up")
     # an empty message is refused with a message, and the conversation stays
     page.wait_for_selector("#chat-input textarea:not([disabled])", timeout=120_000)
     page.locator("#chat-input textarea").press("Enter")
     page.wait_for_selector("#chat-status:has-text('the message is empty')", timeout=30_000)
-    assert "The square is yellow." in page.inner_text("#chat-a")
+    assert "The yellow shape is a square." in page.inner_text("#chat-a")
 
 
 def test_chat_is_scriptable_with_gradio_client(workbench_url, scene_png):
     from gradio_client import Client, handle_file
 
     client = Client(workbench_url, verbose=False)
-    reply = client.predict({"text": "What color is the square?", "files": [handle_file(str(scene_png))]},
+    reply = client.predict({"text": "Which shape is yellow?", "files": [handle_file(str(scene_png))]},
                            api_name="/chat")
-    assert reply == "The square is yellow."
+    assert reply == "The yellow shape is a square."
     # optional history, model and decoding settings
     short = client.predict({"text": "What color is the square?", "files": [handle_file(str(scene_png))]},
                            [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Okay."}],
