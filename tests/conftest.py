@@ -2,6 +2,7 @@
 and a real workbench server with a real headless Chromium for browser tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -154,21 +155,13 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise TimeoutError(f"the workbench did not answer at {url}:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def workbench_workspace(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("workspace")
-
-
-@pytest.fixture(scope="session")
-def workbench_url(workbench_workspace):
-    """`python app.py` on a free port, as a person would start it; yields its URL."""
-    port = free_port()
-    log = workbench_workspace / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+@contextlib.contextmanager
+def running_server(command: list[str], port: int, log: Path, env: dict | None = None):
+    """A server process (its own session, output to `log`) until the block ends; yields its URL."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace", str(workbench_workspace)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url, process, log)
@@ -179,6 +172,20 @@ def workbench_url(workbench_workspace):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def workbench_workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="session")
+def workbench_url(workbench_workspace):
+    """`python app.py` on a free port, as a person would start it; yields its URL."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace", str(workbench_workspace)]
+    with running_server(command, port, workbench_workspace / "server.log") as url:
+        yield url
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -3,14 +3,12 @@ emoji selected in the browser, and a stale save from a second tab refused."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from conftest import ROOT, free_port, screenshot, shapes_png, tiny_qwen2vl, wait_for_http
+from conftest import ROOT, free_port, running_server, screenshot, shapes_png, tiny_qwen2vl
 from models.zoo.processor import build_processor
 from models.hsa import LANDMARK, NOISE
 from workbench.store import Store, import_file
@@ -64,21 +62,8 @@ def annotate_app(tmp_path_factory):
     script = workspace / "launch.py"
     script.write_text(LAUNCHER.format(root=str(ROOT), workspace=str(workspace), model=str(workspace / "tok"),
                                       port=port))
-    log = workspace / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url, process, log)
+    with running_server([sys.executable, str(script)], port, workspace / "server.log") as url:
         yield url, db
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def open_tab(page, url):

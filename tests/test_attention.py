@@ -14,7 +14,7 @@ from conftest import ROOT, build_qwen2vl_processor, build_wordpiece_tokenizer, s
 from models.hsa import NOISE
 from workbench.align import align_record, pad_batch, pad_token_id
 from workbench.attention import (AttentionUnsupported, attention_figure, compute_attention, image_attention,
-                                 image_overlay, mass_figure, save_outputs)
+                                 image_overlay, mass_figure)
 
 
 def record_with_image(image="scene.png"):

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from workbench.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, RunManager, group_members

@@ -2,16 +2,13 @@
 cancel it. The tab runs in its own `gr.Blocks` server process on a free port."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, screenshot, wait_for_http
+from conftest import ROOT, free_port, running_server, screenshot
 from test_train import build_default_model, write_shapes_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -38,21 +35,9 @@ def train_tab(tmp_path_factory):
     model = build_default_model(tmp_path_factory.mktemp("model"))
     write_shapes_dataset(workspace, n=16)
     port = free_port()
-    log = workspace / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(workspace), str(model), str(port)], cwd=ROOT,
-                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url, server, log)
+    command = [sys.executable, "-c", SERVER, str(workspace), str(model), str(port)]
+    with running_server(command, port, workspace / "server.log", env={"PYTHONPATH": str(ROOT)}) as url:
         yield url, workspace
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def points(page) -> int:
