@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from workbench.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, RunManager, group_members
+from workbench.jobs import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, RunManager, group_members
 from workbench.train import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -135,8 +135,6 @@ def test_ddp_on_two_cpu_processes(manager, default_model, shapes_json):
 
 
 def test_cancel_mid_run_then_resume_from_the_last_checkpoint(manager, default_model, shapes_json):
-    from transformers.trainer_utils import get_last_checkpoint
-
     config = {"dataset": str(shapes_json), "max_steps": 100000, "save_steps": 2, "hsa": True,
               "base_model": str(default_model), "lora_r": 4}
     run = manager.submit(config)
@@ -145,15 +143,19 @@ def test_cancel_mid_run_then_resume_from_the_last_checkpoint(manager, default_mo
     manager.cancel(run.id)
     run = manager.wait(run.id, timeout=60)
     assert run.status == CANCELLED and group_members(run.pgid) == []
-    last = get_last_checkpoint(str(run.output_dir))
-    resumed_from = int(Path(last).name.split("-")[1])
+    # a cancel that lands while a checkpoint is being saved leaves it unfinished: resume skips it
+    (run.output_dir / "checkpoint-999999").mkdir()
+    resumed_from = max(int(p.name.split("-")[1]) for p in run.output_dir.glob("checkpoint-*")
+                       if (p / "trainer_state.json").is_file())
+    last = run.output_dir / f"checkpoint-{resumed_from}"
     assert resumed_from >= 4
 
     seen = len(manager.metrics(run.id))
     run = manager.resume(run.id)
     assert run.config["resume"] is True and run.attempts == 2
-    wait_for(lambda: manager.tick() or len([m for m in manager.metrics(run.id)[seen:] if "loss" in m]) >= 2,
-             timeout=240)
+    wait_for(lambda: manager.tick() or manager.get(run.id).status in FINISHED
+             or len([m for m in manager.metrics(run.id)[seen:] if "loss" in m]) >= 2, timeout=240)
+    assert manager.get(run.id).status == RUNNING, manager.log_tail(run.id)
     manager.cancel(run.id)
     assert manager.wait(run.id, timeout=60).status == CANCELLED
     after = [m["step"] for m in manager.metrics(run.id)[seen:] if "loss" in m]

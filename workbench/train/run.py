@@ -233,9 +233,21 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
     )
 
 
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest checkpoint that was written to the end: a run cancelled or killed while saving
+    leaves a checkpoint directory without its trainer state, which the Trainer cannot resume from."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"),
+                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for checkpoint in reversed(checkpoints):
+        if (checkpoint / "trainer_state.json").is_file():
+            return str(checkpoint)
+        print(f"resume: skipping {checkpoint.name}, which was not written to the end", flush=True)
+    return None
+
+
 def checkpoint_to_resume(config: TrainConfig) -> str | None:
     if config.resume is True:
-        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        last = last_complete_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
         if last is None:
             print(f"resume: no checkpoint in {config.output_dir}; starting from the beginning", flush=True)
         else:
