@@ -203,7 +203,7 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
                             [*shown, state, status])
     reply_event.then(lambda: gr.MultimodalTextbox(interactive=True), None, message)
     message.stop(None, None, None, cancels=[reply_event])
-    regen = regenerate.click(drop_last_reply, state, [*shown, state]).then(
+    regenerate.click(drop_last_reply, state, [*shown, state]).then(
         respond, [state, model_a, model_b, system, use_hsa, *decoding], [*shown, state, status])
     edit_last.click(take_back_last, state, [*shown, state, message])
     for clearing in (clear.click, chat_a.clear, chat_b.clear):  # the Chatbots' own trash buttons too
@@ -213,7 +213,6 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
     model_b.change(lambda choice: gr.Chatbot(visible=choice not in (None, "", NONE)), model_b, chat_b)
     refresh.click(lambda: (gr.Dropdown(choices=backend.model_choices()),
                            gr.Dropdown(choices=[NONE, *backend.model_choices()])), None, [model_a, model_b])
-    _ = regen
 
     # Scripting: Client(url).predict({"text": ..., "files": [handle_file(...)]}, api_name="/chat")
     with gr.Row(visible=False):
