@@ -134,6 +134,17 @@ def shapes_png(path: Path, color=(255, 0, 0), size: int = 56) -> Path:
     return path
 
 
+def wait_for(predicate, timeout: float = 20.0, step: float = 0.05):
+    """Poll until `predicate()` is truthy (and return it), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise TimeoutError("condition not reached")
+
+
 # --- the real workbench in a real browser -------------------------------------------------------
 
 def free_port() -> int:

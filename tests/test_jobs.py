@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
+
 from workbench.jobs import (CANCELLED, FAILED, LOST, QUEUED, RUNNING, SUCCEEDED, MetricsTail, RunManager,
                             error_summary, group_members, is_alive, start_token, tail_text)
 
 
 def script(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-def wait_for(predicate, timeout=20.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise TimeoutError("condition not reached")
 
 
 @pytest.fixture

@@ -2,12 +2,14 @@
 on two CPU processes, cancel and resume from the last checkpoint, a crash that ends failed."""
 from __future__ import annotations
 
+import functools
 import json
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from conftest import wait_for as conftest_wait_for
 
 from workbench.jobs import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, RunManager, group_members
 from workbench.train import DEFAULT_MODEL
@@ -57,14 +59,7 @@ def manager(tmp_path):
             os.killpg(run.pgid, 9)
 
 
-def wait_for(predicate, timeout=120.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise TimeoutError("condition not reached")
+wait_for = functools.partial(conftest_wait_for, timeout=120.0, step=0.1)  # training takes its time
 
 
 def lora_b_norm(adapter_dir: Path) -> float:

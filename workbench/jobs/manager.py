@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.sqlite import write_transaction
+
 from . import processes
 from .metrics import MetricsTail, error_summary, tail_text
 
@@ -183,13 +185,8 @@ class RunManager:
         managers never both start the same queued run or exceed the concurrency limit."""
         db = self._connect()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(db):
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         finally:
             db.close()
 

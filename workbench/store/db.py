@@ -20,6 +20,7 @@ from pathlib import Path
 
 from models.hsa import parse_role, role_name
 from workbench.align import Conversation, Span, Turn
+from workbench.sqlite import write_transaction
 
 from . import labels as L
 
@@ -210,14 +211,8 @@ class Store:
     def _write(self, db=None):
         """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so a read-check-write
         sequence inside it cannot interleave with another writer."""
-        db = db or self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(db or self._db()) as db:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
