@@ -125,6 +125,15 @@ def tiny_qwen2vl(processor, seed: int = 0, attn_implementation: str = "hsa"):
     return model.eval()
 
 
+def save_tiny_qwen2vl(directory: Path, processor=None, seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL saved like any checkpoint (model, tokenizer, image processor)."""
+    processor = processor or build_qwen2vl_processor()
+    tiny_qwen2vl(processor, seed=seed).save_pretrained(directory)
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    return Path(directory)
+
+
 def shapes_png(path: Path, color=(255, 0, 0), size: int = 56) -> Path:
     from PIL import Image, ImageDraw
 

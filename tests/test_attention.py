@@ -3,14 +3,14 @@ the image overlay's geometry, and the command as a real subprocess."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, build_qwen2vl_processor, build_wordpiece_tokenizer, shapes_png, tiny_qwen2vl
+from conftest import (ROOT, build_qwen2vl_processor, build_wordpiece_tokenizer, save_tiny_qwen2vl, shapes_png,
+                      tiny_qwen2vl)
 from models.hsa import NOISE
 from workbench.align import align_record, pad_batch, pad_token_id
 from workbench.attention import (AttentionUnsupported, attention_figure, compute_attention, image_attention,
@@ -180,16 +180,9 @@ def test_a_model_without_the_attention_interface_is_refused_with_a_reason(proces
         compute_attention(sdpa, processor, record_with_image(), layer=0, image_root=scene_dir)
 
 
-def save_tiny_model(processor, directory: Path) -> Path:
-    tiny_qwen2vl(processor, seed=1).save_pretrained(directory)
-    processor.tokenizer.save_pretrained(directory)
-    processor.image_processor.save_pretrained(directory)
-    return directory
-
-
 @pytest.mark.slow
 def test_the_command_writes_pngs_and_json(processor, tmp_path):
-    model_dir = save_tiny_model(processor, tmp_path / "model")
+    model_dir = save_tiny_qwen2vl(tmp_path / "model", processor, seed=1)
     shapes_png(tmp_path / "scene.png", size=112)
     conversation = tmp_path / "conversation.json"
     conversation.write_text(json.dumps(record_with_image()))

@@ -2,7 +2,7 @@
 slider, get a new heatmap. Served by a small Blocks around `build(ctx)` on a tiny saved model."""
 import pytest
 
-from conftest import build_qwen2vl_processor, free_port, screenshot, tiny_qwen2vl
+from conftest import free_port, save_tiny_qwen2vl, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -14,11 +14,7 @@ def attention_url(tmp_path_factory):
     from workbench.ui import attention
     from workbench.ui.context import AppContext
 
-    processor = build_qwen2vl_processor()
-    model_dir = tmp_path_factory.mktemp("tiny-vlm")
-    tiny_qwen2vl(processor, seed=4).save_pretrained(model_dir)
-    processor.tokenizer.save_pretrained(model_dir)
-    processor.image_processor.save_pretrained(model_dir)
+    model_dir = save_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vlm"), seed=4)
     ctx = AppContext.create(tmp_path_factory.mktemp("workspace"), default_model=model_dir)
     with gr.Blocks() as app:
         with gr.Tabs():

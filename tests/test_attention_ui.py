@@ -4,18 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import build_qwen2vl_processor, tiny_qwen2vl
+from conftest import save_tiny_qwen2vl
 from workbench.ui.attention import EXAMPLE, EXAMPLE_IMAGE, ModelCache, overlay, redraw, show, write_example_image
 from workbench.ui.context import AppContext
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    processor = build_qwen2vl_processor()
-    model_dir = tmp_path_factory.mktemp("tiny-vlm")
-    tiny_qwen2vl(processor, seed=2).save_pretrained(model_dir)
-    processor.tokenizer.save_pretrained(model_dir)
-    processor.image_processor.save_pretrained(model_dir)
+    model_dir = save_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vlm"), seed=2)
     ctx = AppContext.create(tmp_path_factory.mktemp("workspace"), default_model=model_dir)
     write_example_image(ctx)
     return ctx
