@@ -125,7 +125,8 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
     def respond(st, choice_a, choice_b, system_value, hsa_on, *decoding_values, progress=gr.Progress()):
         st = copy.deepcopy(st)
         if not st["a"] or st["a"][-1].speaker != "user":
-            yield (*views(st), st, "")
+            # nothing to answer (e.g. the message was refused): keep the status that says why
+            yield (*views(st), st, gr.skip())
             return
         try:
             settings = make_settings(*decoding_values)
