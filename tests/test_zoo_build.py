@@ -55,6 +55,22 @@ def test_processor_matches_qwen2vl_processor(processor):
             == processor.tokenizer.image_token_id).sum() <= 4  # any picture stays small
 
 
+def test_the_kth_image_token_shows_the_kth_slot(processor):
+    """The training-only probes take image token k of each image to be slot k of shapes.SLOTS, with
+    the class `slot_targets` gives it. Checked against the pixels the processor emits: each merged
+    token is a run of merge_size**2 patches, and only the run of the shape's slot has colour in it."""
+    from models.zoo.build import SLOT_CLASSES, slot_targets
+
+    merge = processor.image_processor.merge_size ** 2
+    for k, slot in enumerate(shapes.SLOTS):
+        scene = shapes.Scene((shapes.Shape("square", "blue", slot),), seed=k)
+        pixels = processor.image_processor([shapes.draw_scene(scene)], return_tensors="pt")["pixel_values"]
+        inked = [bool((group != 0).any()) for group in pixels.reshape(len(shapes.SLOTS), merge, -1)]  # white is 0
+        assert inked == [j == k for j in range(len(shapes.SLOTS))], slot
+        targets = slot_targets(scene)
+        assert 0 < targets[k] < SLOT_CLASSES and all(t == 0 for j, t in enumerate(targets) if j != k)
+
+
 LOAD_WITH_AUTO_CLASSES = """
 import sys, torch
 from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -45,9 +45,9 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class ExperimentSettings:
-    base_steps: int = 1600
+    base_steps: int = 1200
     steps: int = 200  # stage 2, per arm and seed
-    seeds: int = 2
+    seeds: int = 3
     n: int = 25  # held-out conversations per condition and seed
     batch_size: int = 16
     train_noise: shapes.NoiseSpec = shapes.TRAIN_NOISE
