@@ -56,8 +56,8 @@ def test_processor_matches_qwen2vl_processor(processor):
 
 
 def test_the_kth_image_token_shows_the_kth_slot(processor):
-    """The training-only probes take image token k of each image to be slot k of shapes.SLOTS, with
-    the class `slot_targets` gives it. Checked against the pixels the processor emits: each merged
+    """The build's vision probe takes merged image token k of each image to be slot k of shapes.SLOTS,
+    with the class `slot_targets` gives it. Checked against the pixels the processor emits: each merged
     token is a run of merge_size**2 patches, and only the run of the shape's slot has colour in it."""
     from models.zoo.build import SLOT_CLASSES, slot_targets
 

@@ -51,14 +51,6 @@ class BuildSettings:
     # was still blind to colour after 1500 steps; with it they stay apart (cosine ~0.3). The probe
     # is thrown away; the saved model is a plain Qwen2-VL.
     vision_probe_weight: float = 1.0
-    # Weight of a second training-only probe, on the language model's hidden states at the image
-    # tokens after layer `slot_probe_layer`: it must tell which slot each image token is *and* what
-    # it shows. The model itself has almost no way to see a token's slot: M-RoPE gives the height
-    # and width sections the lowest rotary frequencies (with 32-dim heads a column shift turns the
-    # width dims by at most 0.003 rad), so only causal order ("the k-th image token") tells the four
-    # tokens apart. Without the probe the model learnt that only partly (position questions ~0.7).
-    slot_probe_weight: float = 1.0
-    slot_probe_layer: int = 1
     seed: int = 0
     data_split: str = "train"  # the random stream the training conversations come from
     hsa: bool = True  # train with attn_implementation="hsa" and semantic_ids
@@ -132,29 +124,8 @@ def training_batches(processor, settings: BuildSettings):
                                             noise=settings.noise)
                    for j in range(settings.batch_size)]
         index += settings.batch_size
-        content = torch.tensor([c for s in samples for c in slot_targets(s.scene)])
-        # image tokens run over the slots in reading order, so the k-th of each image is slot k % 4
-        slot = torch.arange(len(content)) % len(shapes.SLOTS)
-        yield collate([s.record for s in samples]), {"content": content, "slot_content": slot * SLOT_CLASSES + content}
-
-
-class Capture:
-    """The last output of a module (a forward hook), for the training-only losses."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.output = None
-        self._hook = module.register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output):
-        self.output = output
-
-    def remove(self) -> None:
-        self._hook.remove()
-
-
-def probe_head(width: int, classes: int) -> torch.nn.Module:
-    """A linear read-out, trained beside the model and thrown away with it."""
-    return torch.nn.Sequential(torch.nn.LayerNorm(width, elementwise_affine=False), torch.nn.Linear(width, classes))
+        targets = torch.tensor([c for s in samples for c in slot_targets(s.scene)])
+        yield collate([s.record for s in samples]), targets
 
 
 def learning_rate(step: int, settings: BuildSettings) -> float:
@@ -188,17 +159,12 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
          for (visual, decays), params in groups.items()],
         lr=settings.learning_rate, betas=(0.9, 0.98))
     hidden = model.config.text_config.hidden_size
-    # Training-only losses (see BuildSettings): what each image token shows, read from the vision
-    # tower's output; which slot it is and what it shows, read from the language model's hidden
-    # states after an early layer.
-    vision_out = Capture(model.model.visual.merger)
-    slot_layer_out = Capture(model.model.language_model.layers[settings.slot_probe_layer])
-    content_probe = probe_head(hidden, SLOT_CLASSES)
-    slot_probe = probe_head(hidden, len(shapes.SLOTS) * SLOT_CLASSES)
-    optimizer.add_param_group({"params": [*content_probe.parameters(), *slot_probe.parameters()],
-                               "weight_decay": settings.weight_decay, "lr_scale": 1.0})
-    image_token_id = model.config.image_token_id
-    cross_entropy = torch.nn.functional.cross_entropy
+    probe = torch.nn.Sequential(torch.nn.LayerNorm(hidden, elementwise_affine=False),
+                                torch.nn.Linear(hidden, SLOT_CLASSES))
+    optimizer.add_param_group({"params": list(probe.parameters()), "weight_decay": settings.weight_decay,
+                               "lr_scale": 1.0})
+    merged = []
+    hook = model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.append(output))
     history = []
     batches = training_batches(processor, settings)
     bar = tqdm(range(settings.steps), desc="hsa" if settings.hsa else "plain", disable=not progress,
@@ -210,14 +176,12 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
             batch.pop("semantic_ids")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings) * group["lr_scale"]
+        merged.clear()
         loss = model(**batch).loss
         total = loss
-        if settings.vision_probe_weight:
-            total = total + settings.vision_probe_weight * cross_entropy(content_probe(vision_out.output),
-                                                                         targets["content"])
-        if settings.slot_probe_weight:
-            image_states = slot_layer_out.output[batch["input_ids"] == image_token_id]
-            total = total + settings.slot_probe_weight * cross_entropy(slot_probe(image_states), targets["slot_content"])
+        if settings.vision_probe_weight > 0:
+            probe_loss = torch.nn.functional.cross_entropy(probe(merged[0]), targets)
+            total = loss + settings.vision_probe_weight * probe_loss
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -228,8 +192,7 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
         bar.set_postfix(loss=f"{smoothed:.3f}")
         if log is not None and (step % 50 == 0 or step == settings.steps - 1):
             log(f"step {step} loss {value:.4f} smoothed {smoothed:.4f}")
-    vision_out.remove()
-    slot_layer_out.remove()
+    hook.remove()
     model.eval()
     return model, processor, history
 

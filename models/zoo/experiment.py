@@ -45,7 +45,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class ExperimentSettings:
-    base_steps: int = 1200
+    base_steps: int = 2000
     steps: int = 200  # stage 2, per arm and seed
     seeds: int = 3
     n: int = 25  # held-out conversations per condition and seed
