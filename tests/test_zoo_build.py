@@ -71,25 +71,6 @@ def test_the_kth_image_token_shows_the_kth_slot(processor):
         assert 0 < targets[k] < SLOT_CLASSES and all(t == 0 for j, t in enumerate(targets) if j != k)
 
 
-def test_image_tokens_one_slot_apart_have_rotary_angles_apart(processor):
-    """The default model's M-RoPE must tell a 2x2 grid's columns apart, not only its rows: moving an
-    image token one column (or one row) turns some rotary dimension by a usable angle, measured
-    with transformers' own rotary embedding; text keeps a low frequency for lookups far back."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
-
-    from models.zoo.build import ModelSize, model_config
-
-    rotary = Qwen2VLRotaryEmbedding(model_config(processor.tokenizer, ModelSize()).text_config)
-    s = 40  # where an image starts; image token (row, col) has position ids (s, s + row, s + col)
-    ids = torch.tensor([[s, s, s], [s, s, s + 1], [s, s + 1, s]]).T[:, None, :]  # [3 sections, 1, 3 tokens]
-    cos, sin = rotary(torch.zeros(1), ids)
-    angle = torch.atan2(sin[0], cos[0])  # [3 tokens, head_dim]
-    turn = lambda a, b: (angle[a] - angle[b]).abs().max().item()  # noqa: E731
-    assert turn(1, 0) >= 0.05, "one column apart looks the same"
-    assert turn(2, 0) >= 0.05, "one row apart looks the same"
-    assert rotary.inv_freq.min().item() < 0.01
-
-
 LOAD_WITH_AUTO_CLASSES = """
 import sys, torch
 from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -64,22 +64,14 @@ class BuildSettings:
         return d
 
 
-ROPE_THETA = 1000.0
-
-
 def model_config(tokenizer, size: ModelSize) -> Qwen2VLConfig:
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     head_dim = size.hidden_size // size.heads
-    # M-RoPE hands each head's rotary frequencies, sorted from high to low, to the temporal, height
-    # and width sections in that order. In Qwen2-VL's proportions (16, 24, 24 of 64) with theta 1e4
-    # and 32-dim heads, one column of this 2x2 grid turns the width dims by at most 0.003 rad and
-    # one row the height dims by 0.1 rad: models built so named the right row and the wrong column
-    # (16 of 17 wrong slots). Here the width section takes 10 of 16 frequencies and theta is 1e3:
-    # a column turns by up to 0.075 rad, a row by 0.42, and the lowest frequency (0.0015 rad a
-    # token) still leaves text a nearly position-free channel for lookups far back.
+    # M-RoPE splits each head's rotary frequencies into temporal / height / width sections
+    # in Qwen2-VL's proportions (16, 24, 24 of 64)
     half = head_dim // 2
-    temporal = max(1, half // 8)
-    height = max(1, half // 4)
+    temporal = half // 4
+    height = (half - temporal) // 2
     mrope_section = [temporal, height, half - temporal - height]
     return Qwen2VLConfig(
         text_config=dict(
@@ -87,7 +79,7 @@ def model_config(tokenizer, size: ModelSize) -> Qwen2VLConfig:
             num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
             max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": ROPE_THETA}),
+            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 10000.0}),
         vision_config=dict(
             depth=size.vision_depth, embed_dim=size.vision_dim, hidden_size=size.hidden_size,
             num_heads=size.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
