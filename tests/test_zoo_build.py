@@ -99,13 +99,16 @@ def load_in_fresh_interpreter(path: Path) -> str:
 @pytest.mark.slow
 def test_build_command_makes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "vlm"
-    done = subprocess.run([sys.executable, "-m", "models.zoo", "build", "--steps", "3", "--batch-size", "2",
-                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "models.zoo", "build", "--steps", "3", "--noisy-steps", "2",
+                           "--batch-size", "2", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3/3" in done.stderr  # the progress bar ran to the end
+    assert "3/3" in done.stderr and "2/2" in done.stderr  # both stages' progress bars ran to the end
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
             "build.json"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "build.json").read_text())["settings"]["steps"] == 3
+    clean, noisy = json.loads((out / "build.json").read_text())["stages"]
+    assert (clean["steps"], clean["noise"]["rate"]) == (3, 0.0)
+    assert (noisy["steps"], noisy["hsa"], noisy["noise"]["rate"]) == (2, True, shapes.TRAIN_NOISE.rate)
     assert "Qwen2VLForConditionalGeneration PaddleOCRVLProcessor torch.float32" in load_in_fresh_interpreter(out)
 
 

@@ -11,11 +11,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_build = sub.add_parser("build", help="train the default VLM from nothing on the shapes task (CPU)")
-    p_build.add_argument("--steps", type=int, default=None, help="training steps (default: the build's own)")
-    p_build.add_argument("--batch-size", type=int, default=None)
+    p_build.add_argument("--steps", type=int, default=2000, help="stage 1: steps on clean conversations")
+    p_build.add_argument("--noisy-steps", type=int, default=200, help="stage 2: steps with NOISE turns (and HSA)")
+    p_build.add_argument("--batch-size", type=int, default=16)
     p_build.add_argument("--seed", type=int, default=0)
     p_build.add_argument("--out", type=Path, default=None, help="output directory (default: models/zoo/default_vlm)")
-    p_build.add_argument("--no-hsa", action="store_true", help="train with plain attention, no semantic_ids")
+    p_build.add_argument("--no-hsa", action="store_true", help="stage 2 with plain attention, no semantic_ids")
     p_build.add_argument("--threads", type=int, default=None,
                          help="torch CPU threads (default: torch's; use 1 when the cores are shared)")
 
@@ -46,15 +47,10 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "build":
-        from .build import DEFAULT_DIR, BuildSettings, build
+        from .build import DEFAULT_DIR, build
 
-        settings = BuildSettings(seed=args.seed, hsa=not args.no_hsa, threads=args.threads)
-        if args.steps is not None:
-            settings.steps = args.steps
-            settings.warmup_steps = min(settings.warmup_steps, max(1, args.steps // 10))
-        if args.batch_size is not None:
-            settings.batch_size = args.batch_size
-        build(settings, args.out or DEFAULT_DIR)
+        build(args.out or DEFAULT_DIR, steps=args.steps, noisy_steps=args.noisy_steps, batch_size=args.batch_size,
+              seed=args.seed, hsa=not args.no_hsa, threads=args.threads)
         return 0
     if args.command == "eval":
         from .evaluate import NOISE_PRESETS, evaluate_model, print_report

@@ -1,9 +1,10 @@
 """The default VLM: a tiny Qwen2-VL trained from nothing on the shapes task, on a CPU.
 
-`build(BuildSettings(...), out_dir)` makes the tokenizer and processor, initialises a
-`Qwen2VLForConditionalGeneration` from a small config, trains it on freshly generated shapes
-conversations (batches from `workbench.align.HSACollator`, so the roles reach the attention as
-`semantic_ids`), and saves model + processor with `save_pretrained`.
+`build(out_dir)` makes the tokenizer and processor, initialises a `Qwen2VLForConditionalGeneration`
+from a small config, trains it on freshly generated shapes conversations (batches from
+`workbench.align.HSACollator`, so the roles reach the attention as `semantic_ids`), and saves model +
+processor with `save_pretrained`. Training has two stages (`clean_stage`, then `noisy_stage` with HSA):
+the default model is the HSA arm of the experiment in `models.zoo.experiment`, seed 0.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class ModelSize:
 
 @dataclass
 class BuildSettings:
+    """One stage of training (`train`); `clean_stage` and `noisy_stage` give the recipe's two."""
     steps: int = 2000
     batch_size: int = 16
     learning_rate: float = 3e-3
@@ -128,6 +130,23 @@ def training_batches(processor, settings: BuildSettings):
         yield collate([s.record for s in samples]), targets
 
 
+def clean_stage(steps: int = 2000, *, batch_size: int = 16, seed: int = 0, threads: int | None = None) -> BuildSettings:
+    """Stage 1: the shapes task on conversations without NOISE (HSA's mask is then the causal mask, so
+    this stage is the same with or without it)."""
+    return BuildSettings(steps=steps, batch_size=batch_size, seed=seed, hsa=True, noise=shapes.CLEAN, threads=threads,
+                         data_split="base", warmup_steps=min(60, max(1, steps // 10)))
+
+
+def noisy_stage(steps: int = 200, *, hsa: bool = True, noise: shapes.NoiseSpec = shapes.TRAIN_NOISE,
+                batch_size: int = 16, seed: int = 0, threads: int | None = None) -> BuildSettings:
+    """Stage 2: NOISE turns of the training kinds (chit-chat, false claims) before 30% of the questions,
+    at a third of the learning rate, with HSA or plain attention. After 2000 clean steps this stage
+    also lifted clean accuracy (0.83 -> 0.92 with HSA, seed 0): the one-stage build on noisy data from
+    the start reached about 0.75."""
+    return BuildSettings(steps=steps, batch_size=batch_size, seed=seed, hsa=hsa, noise=noise, threads=threads,
+                         data_split="noisy", learning_rate=1e-3, warmup_steps=min(30, steps // 10))
+
+
 def learning_rate(step: int, settings: BuildSettings) -> float:
     """Linear warm-up, then cosine decay to a tenth."""
     if step < settings.warmup_steps:
@@ -197,26 +216,35 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
     return model, processor, history
 
 
-def save(model, processor, out_dir: str | Path, settings: BuildSettings, history) -> Path:
-    """save_pretrained in bfloat16 (loads as float32 with dtype=torch.float32), plus the build record."""
+def save(model, processor, out_dir: str | Path, stages: list[BuildSettings], history, seconds: float | None = None) -> Path:
+    """save_pretrained in bfloat16 (loads as float32 with dtype=torch.float32), plus the build record:
+    each stage's settings, the loss every 50 steps over both, and the training time."""
     import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.hsa_trained = settings.hsa  # read by models.vlm to pick the attention default
+    model.config.hsa_trained = stages[-1].hsa  # read by models.vlm to pick the attention default
     model.to(torch.bfloat16).save_pretrained(out_dir)
     model.to(torch.float32)
     processor.save_pretrained(out_dir)
     (out_dir / "build.json").write_text(json.dumps(
-        {"settings": settings.to_dict(), "final_loss": history[-1][1] if history else None,
+        {"stages": [stage.to_dict() for stage in stages], "seconds": None if seconds is None else round(seconds),
+         "final_loss": history[-1][1] if history else None,
          "loss_every_50": [round(loss, 4) for step, loss in history if step % 50 == 0]}, indent=1))
     return out_dir
 
 
-def build(settings: BuildSettings, out_dir: str | Path = DEFAULT_DIR, *, progress: bool = True) -> Path:
+def build(out_dir: str | Path = DEFAULT_DIR, *, steps: int = 2000, noisy_steps: int = 200, batch_size: int = 16,
+          seed: int = 0, hsa: bool = True, threads: int | None = None, progress: bool = True) -> Path:
+    """Train the default model from nothing in two stages and save it to `out_dir`."""
     start = time.monotonic()
-    model, processor, history = train(settings, progress=progress)
-    path = save(model, processor, out_dir, settings, history)
+    clean = clean_stage(steps, batch_size=batch_size, seed=seed, threads=threads)
+    noisy = noisy_stage(noisy_steps, hsa=hsa, batch_size=batch_size, seed=seed, threads=threads)
+    model, processor, history = train(clean, progress=progress)
+    model, _, more = train(noisy, processor=processor, model=model, progress=progress)
+    history += [(steps + step, loss) for step, loss in more]
+    seconds = time.monotonic() - start
+    path = save(model, processor, out_dir, [clean, noisy], history, seconds)
     if progress:
-        print(f"saved {path} after {time.monotonic() - start:.0f} s (final loss {history[-1][1]:.4f})")
+        print(f"saved {path} after {seconds:.0f} s (final loss {history[-1][1]:.4f})")
     return path

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import shapes
-from .build import BuildSettings, train
+from .build import clean_stage, noisy_stage, train
 from .evaluate import evaluate, held_out
 
 OUT_DIR = Path(__file__).resolve().parent / "experiment"
@@ -112,9 +112,8 @@ def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | N
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     started = time.monotonic()
-    base_settings = BuildSettings(steps=settings.base_steps, batch_size=settings.batch_size, seed=0, hsa=True,
-                                  noise=shapes.CLEAN, threads=settings.threads, data_split="base")
-    base, processor, base_history = train(base_settings, progress=progress)
+    base, processor, base_history = train(clean_stage(settings.base_steps, batch_size=settings.batch_size,
+                                                      threads=settings.threads), progress=progress)
     data = {seed: conditions(settings.n, 1000 + seed, settings) for seed in range(settings.seeds)}
 
     def evaluate_all(model, arm: str, seed: int, hsa: bool, final_loss: float) -> None:
@@ -133,9 +132,8 @@ def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | N
             base.set_attn_implementation("hsa" if hsa else "sdpa")
             evaluate_all(base, arm, seed, hsa, base_history[-1][1])
         for arm in settings.arms:
-            stage2 = BuildSettings(steps=settings.steps, batch_size=settings.batch_size, seed=seed, hsa=arm == "hsa",
-                                   noise=settings.train_noise, threads=settings.threads, data_split="noisy",
-                                   learning_rate=1e-3, warmup_steps=min(30, settings.steps // 10))
+            stage2 = noisy_stage(settings.steps, hsa=arm == "hsa", noise=settings.train_noise,
+                                 batch_size=settings.batch_size, seed=seed, threads=settings.threads)
             model, _, history = train(stage2, processor=processor, model=copy.deepcopy(base), progress=progress)
             evaluate_all(model, arm, seed, arm == "hsa", history[-1][1])
     summary = write_results(out_dir, settings, runs, time.monotonic() - started)
