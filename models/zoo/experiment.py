@@ -240,7 +240,7 @@ def plot(summary: dict, path: Path, title: str | None = None) -> Path:
     s = summary["settings"]
     ax.set_title(title or f"HSA vs plain attention, tiny Qwen2-VL: {s['base_steps']} clean steps + {s['steps']} noisy "
                  f"steps per arm, {s['seeds']} seeds (bars: 95% CI over seeds)", fontsize=9)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(arms), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
