@@ -74,8 +74,9 @@ def test_eval_command_on_the_default_model():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the committed default model (2000 CPU steps) answers about 0.7 of clean "
-                                        "held-out questions; issue 3's target 0.95 needs a longer build")
+@pytest.mark.xfail(strict=True, reason="the committed default model answers 0.92-0.94 of clean held-out questions "
+                                        "(100 conversations; 0.84 on these 20): it still confuses slots, below "
+                                        "issue 3's target of 0.95")
 def test_default_model_meets_the_accuracy_target():
     from models.zoo.evaluate import evaluate_model
 
