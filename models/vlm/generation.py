@@ -46,7 +46,10 @@ class GenerationSettings:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                           num_beams=1)
         else:
-            kwargs.update(do_sample=False, num_beams=self.num_beams, early_stopping=True)
+            # No early_stopping=True: it ends the search once num_beams hypotheses have finished, and
+            # with a confident model those are the runners-up that stopped early ("There are shapes."
+            # at log p -12.6) while the best beam ("There are two shapes.", -0.001) is still going.
+            kwargs.update(do_sample=False, num_beams=self.num_beams)
         return kwargs
 
 
