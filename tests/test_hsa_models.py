@@ -62,6 +62,25 @@ def test_without_semantic_ids_hsa_equals_sdpa_on_padded_batches(name, padding_si
         assert not torch.allclose(a[0][real[0]], unmasked[0][real[0]], atol=1e-4)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_roles_without_noise_give_sdpa_logits_and_gradients(padding_side):
+    # NOISE only on padding: nothing to hide, so HSA takes the model's own mask (its fast path)
+    roles, ids = roles_and_ids()
+    roles[roles == NOISE] = GLOBAL
+    mask = torch.ones_like(ids)
+    pad = slice(0, 5) if padding_side == "left" else slice(-5, None)
+    mask[0, pad] = 0
+    roles[0, pad] = NOISE
+    hsa, sdpa = text_model("qwen2", "hsa").train(), text_model("qwen2", "sdpa").train()
+    a = hsa(ids, attention_mask=mask, semantic_ids=roles, labels=ids).loss
+    b = sdpa(ids, attention_mask=mask, labels=ids).loss
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    for (name, p), q in zip(hsa.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_noise_tokens_do_not_reach_global_and_landmark_positions(name):
     roles, ids = roles_and_ids()

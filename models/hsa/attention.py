@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .masks import extend_roles, hsa_mask_mod, role_rule
-from .roles import LANDMARK, parse_role
+from .roles import LANDMARK, NOISE, parse_role
 
 IMPLEMENTATION = "hsa"
 
@@ -51,6 +51,10 @@ def hsa_attention_forward(
     if not want_weights and not query.is_cuda and query.shape[2] == key.shape[2] == semantic_ids.shape[-1]:
         real = _plain_padding(attention_mask, query.shape[2])
         if real is not None:
+            if not ((semantic_ids.to(real.device) == NOISE) & real).any():
+                # Nothing to hide (e.g. a batch without NOISE turns): HSA is the model's own mask.
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, is_causal=is_causal, **kwargs)
             return compacted_attention(module, query, key, value, semantic_ids.to(query.device), real,
                                        dropout=dropout, scaling=scaling), None
     allowed = hsa_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
@@ -111,8 +115,6 @@ def compacted_attention(module, query, key, value, roles, real, *, dropout=0.0, 
     GLOBAL/LANDMARK queries see exactly the GLOBAL/LANDMARK keys before them, so gathering those
     tokens makes their attention plain causal SDPA (the fast kernel); NOISE queries see every real
     key before them, a mask of only (noise queries x keys). Padding queries get zeros."""
-    from .roles import NOISE
-
     batch, heads, length, _ = query.shape
     gqa = heads != key.shape[1]
     p = dropout if module.training else 0.0
