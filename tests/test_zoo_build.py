@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,30 @@ def test_the_kth_image_token_shows_the_kth_slot(processor):
         assert inked == [j == k for j in range(len(shapes.SLOTS))], slot
         targets = slot_targets(scene)
         assert 0 < targets[k] < SLOT_CLASSES and all(t == 0 for j, t in enumerate(targets) if j != k)
+
+
+
+def test_prefetched_batches_are_the_training_batches(processor):
+    """The worker process draws exactly the batches the build would draw itself (a pure function of the seed)."""
+    from models.zoo.build import PrefetchedBatches, clean_stage, noisy_stage, training_batches
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: the build draws its batches inline")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a core left free: the loader uses a worker process
+    try:
+        loaders = [(training_batches(processor, s), PrefetchedBatches(processor, s).loader())
+                   for s in (clean_stage(batch_size=3, seed=5), noisy_stage(batch_size=3, seed=5))]
+    finally:
+        torch.set_num_threads(threads)
+    for inline, prefetched in loaders:
+        assert not isinstance(prefetched, types.GeneratorType)  # batches come from the worker
+        for _ in range(3):
+            (batch, targets), (other, other_targets) = next(inline), next(prefetched)
+            assert batch.keys() == other.keys()
+            for key in batch:
+                assert torch.equal(batch[key], other[key]), key
+            assert torch.equal(targets, other_targets)
 
 
 LOAD_WITH_AUTO_CLASSES = """
