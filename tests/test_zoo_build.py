@@ -73,7 +73,6 @@ def test_the_kth_image_token_shows_the_kth_slot(processor):
         assert 0 < targets[k] < SLOT_CLASSES and all(t == 0 for j, t in enumerate(targets) if j != k)
 
 
-
 def test_prefetched_batches_are_the_training_batches(processor):
     """The worker process draws exactly the batches the build would draw itself (a pure function of the seed)."""
     from models.zoo.build import PrefetchedBatches, clean_stage, noisy_stage, training_batches
