@@ -26,17 +26,16 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models.zoo.build import BuildSettings, clean_stage, new_model, noisy_stage, training_batches
+    from models.zoo.build import ModelSize, clean_stage, new_model, noisy_stage, training_batches
     from models.zoo.processor import build_processor
 
     processor = build_processor()
-    size = BuildSettings().size
+    size = ModelSize()
     print(f"default-model build step on CPU ({torch.get_num_threads()} threads), batch 16, "
           f"median of {args.steps}")
     print(f"{'batches':<8} {'draw s':>7} {'hsa s':>7} {'sdpa s':>7} {'hsa/sdpa':>9}")
     for name, stage in (("clean", clean_stage()), ("noisy", noisy_stage())):
-        batches, draws = training_batches(processor, stage), []
-        drawn = []
+        batches, draws, drawn = training_batches(processor, stage), [], []
         for _ in range(args.steps + 2):
             start = time.perf_counter()
             drawn.append(next(batches)[0])

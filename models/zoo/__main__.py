@@ -18,8 +18,9 @@ def main(argv=None) -> int:
     p_build.add_argument("--out", type=Path, default=None, help="output directory (default: models/zoo/default_vlm)")
     p_build.add_argument("--no-hsa", action="store_true", help="stage 2 with plain attention, no semantic_ids")
     p_build.add_argument("--threads", type=int, default=None,
-                         help="torch CPU threads (default: torch's). The committed model was built with 1: "
-                              "another count changes the float sums, and with them the model")
+                         help="torch CPU threads (default: torch's). Another count changes the float sums and "
+                              "with them the model; the committed one (1 thread) predates the SDPA path for clean "
+                              "batches, so no setting rebuilds it bit for bit now")
 
     p_eval = sub.add_parser("eval", help="accuracy on fresh held-out shapes conversations (greedy decoding)")
     p_eval.add_argument("--n", type=int, default=100, help="number of conversations")
