@@ -57,17 +57,31 @@ def test_processor_matches_qwen2vl_processor(processor):
             == processor.tokenizer.image_token_id).sum() <= 4  # any picture stays small
 
 
+def merged_runs(processor, scene: shapes.Scene) -> torch.Tensor:
+    """The processor's patches of the scene, grouped per merged image token: [slots, merge**2, pixels]."""
+    pixels = processor.image_processor([shapes.draw_scene(scene)], return_tensors="pt")["pixel_values"]
+    return pixels.reshape(len(shapes.SLOTS), processor.image_processor.merge_size ** 2, -1)
+
+
+def test_the_grid_lines_tell_the_slots_apart(processor):
+    """An empty slot's image token still says which slot it is: the grid's lines cross three of the
+    slot's four patches, and the one they miss (the slot's outer corner) differs from slot to slot."""
+    runs = merged_runs(processor, shapes.Scene((), seed=0))
+    blank_patches = [[j for j, patch in enumerate(run) if not (patch != 0).any()] for run in runs]  # white is 0
+    assert blank_patches == [[0], [1], [2], [3]]
+
+
 def test_the_kth_image_token_shows_the_kth_slot(processor):
     """The build's vision probe takes merged image token k of each image to be slot k of shapes.SLOTS,
     with the class `slot_targets` gives it. Checked against the pixels the processor emits: each merged
-    token is a run of merge_size**2 patches, and only the run of the shape's slot has colour in it."""
+    token is a run of merge_size**2 patches, and only the run of the shape's slot differs from the
+    empty grid's."""
     from models.zoo.build import SLOT_CLASSES, slot_targets
 
-    merge = processor.image_processor.merge_size ** 2
+    empty = merged_runs(processor, shapes.Scene((), seed=0))
     for k, slot in enumerate(shapes.SLOTS):
         scene = shapes.Scene((shapes.Shape("square", "blue", slot),), seed=k)
-        pixels = processor.image_processor([shapes.draw_scene(scene)], return_tensors="pt")["pixel_values"]
-        inked = [bool((group != 0).any()) for group in pixels.reshape(len(shapes.SLOTS), merge, -1)]  # white is 0
+        inked = [bool((run != blank).any()) for run, blank in zip(merged_runs(processor, scene), empty)]
         assert inked == [j == k for j in range(len(shapes.SLOTS))], slot
         targets = slot_targets(scene)
         assert 0 < targets[k] < SLOT_CLASSES and all(t == 0 for j, t in enumerate(targets) if j != k)
