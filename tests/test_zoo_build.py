@@ -87,6 +87,29 @@ def test_the_kth_image_token_shows_the_kth_slot(processor):
         assert 0 < targets[k] < SLOT_CLASSES and all(t == 0 for j, t in enumerate(targets) if j != k)
 
 
+def test_the_word_probe_wants_each_image_token_to_point_at_its_words(processor):
+    """The probe's loss is small for image tokens that point (in cosine) at the embeddings of the kind
+    and colour their slot shows (or at the probe's "empty" vectors), and large when a token points at
+    another kind or the tokens come in another order."""
+    from models.zoo.build import WordProbe, slot_targets
+
+    torch.manual_seed(0)
+    hidden = 128
+    probe = WordProbe(processor.tokenizer, hidden)
+    embeddings = torch.randn(len(processor.tokenizer), hidden)
+    unit = lambda v: torch.nn.functional.normalize(v, dim=0)
+    word = lambda w: unit(embeddings[processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize(" " + w))[0]])
+    scene = shapes.Scene((shapes.Shape("square", "blue", "bottom left"),), seed=0)
+    targets = torch.tensor(slot_targets(scene))
+    with torch.no_grad():
+        empty = unit(probe.empty[0]) + unit(probe.empty[1])
+        right = torch.stack([empty, empty, word("square") + word("blue"), empty])
+        wrong_kind = right.clone()
+        wrong_kind[2] += word("circle") - word("square")
+        assert probe(right, embeddings, targets) < 0.1 < 1.0 < probe(wrong_kind, embeddings, targets)
+        assert probe(right.roll(1, dims=0), embeddings, targets) > 2.0  # the same tokens in the wrong slots
+
+
 def test_prefetched_batches_are_the_training_batches(processor):
     """The worker process draws exactly the batches the build would draw itself (a pure function of the seed)."""
     from models.zoo.build import PrefetchedBatches, clean_stage, noisy_stage, training_batches

@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_build = sub.add_parser("build", help="train the default VLM from nothing on the shapes task (CPU)")
-    p_build.add_argument("--steps", type=int, default=2000, help="stage 1: steps on clean conversations")
+    p_build.add_argument("--steps", type=int, default=None, help="stage 1: steps on clean conversations (default 2400)")
     p_build.add_argument("--noisy-steps", type=int, default=200, help="stage 2: steps with NOISE turns (and HSA)")
     p_build.add_argument("--batch-size", type=int, default=16)
     p_build.add_argument("--seed", type=int, default=0)
@@ -19,8 +19,7 @@ def main(argv=None) -> int:
     p_build.add_argument("--no-hsa", action="store_true", help="stage 2 with plain attention, no semantic_ids")
     p_build.add_argument("--threads", type=int, default=None,
                          help="torch CPU threads (default: torch's). Another count changes the float sums and "
-                              "with them the model; the committed one (1 thread) predates the SDPA path for clean "
-                              "batches, so no setting rebuilds it bit for bit now")
+                              "with them the model; the committed one was built with --threads 1")
 
     p_eval = sub.add_parser("eval", help="accuracy on fresh held-out shapes conversations (greedy decoding)")
     p_eval.add_argument("--n", type=int, default=100, help="number of conversations")
@@ -49,9 +48,9 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "build":
-        from .build import DEFAULT_DIR, build
+        from .build import CLEAN_STEPS, DEFAULT_DIR, build
 
-        build(args.out or DEFAULT_DIR, steps=args.steps, noisy_steps=args.noisy_steps, batch_size=args.batch_size,
+        build(args.out or DEFAULT_DIR, steps=args.steps or CLEAN_STEPS, noisy_steps=args.noisy_steps, batch_size=args.batch_size,
               seed=args.seed, hsa=not args.no_hsa, threads=args.threads)
         return 0
     if args.command == "eval":

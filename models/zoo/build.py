@@ -25,6 +25,7 @@ from . import shapes
 from .processor import SPECIAL_TOKENS, build_processor
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default_vlm"
+CLEAN_STEPS = 2400  # stage 1 of the default recipe
 
 
 @dataclass
@@ -42,17 +43,17 @@ class ModelSize:
 @dataclass
 class BuildSettings:
     """One stage of training (`train`); `clean_stage` and `noisy_stage` give the recipe's two."""
-    steps: int = 2000
+    steps: int = CLEAN_STEPS
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to the language model's
-    # Weight of an auxiliary loss during training only: a linear probe on each image token must tell
-    # what its slot shows. Without it the tiny tower from scratch collapses within ~25 steps to
-    # "something / nothing" (features of a red and a green circle at cosine 0.999+) and the model
-    # was still blind to colour after 1500 steps; with it they stay apart (cosine ~0.3). The probe
-    # is thrown away; the saved model is a plain Qwen2-VL.
+    # Weight of an auxiliary loss during training only: a probe on each image token must tell what
+    # its slot shows (`WordProbe`). Without one the tiny tower from scratch collapses within ~25 steps
+    # to "something / nothing" (features of a red and a green circle at cosine 0.999+) and the model
+    # was still blind to colour after 1500 steps; with it they stay apart. The probe is thrown away;
+    # the saved model is a plain Qwen2-VL.
     vision_probe_weight: float = 1.0
     seed: int = 0
     data_split: str = "train"  # the random stream the training conversations come from
@@ -71,7 +72,9 @@ def model_config(tokenizer, size: ModelSize) -> Qwen2VLConfig:
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     head_dim = size.hidden_size // size.heads
     # M-RoPE splits each head's rotary frequencies into temporal / height / width sections
-    # in Qwen2-VL's proportions (16, 24, 24 of 64)
+    # in Qwen2-VL's proportions (16, 24, 24 of 64), with Qwen2-VL's rope_theta of 1e6. With 32-dim
+    # heads a theta of 1e4 left about 5 of the 16 frequencies slow enough for an answer to find an
+    # image token ~200 positions back by its content whatever the distance; 1e6 leaves about 9.
     half = head_dim // 2
     temporal = half // 4
     height = (half - temporal) // 2
@@ -82,7 +85,7 @@ def model_config(tokenizer, size: ModelSize) -> Qwen2VLConfig:
             num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
             max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 10000.0}),
+            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 1e6}),
         vision_config=dict(
             depth=size.vision_depth, embed_dim=size.vision_dim, hidden_size=size.hidden_size,
             num_heads=size.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -114,6 +117,36 @@ def slot_targets(scene: shapes.Scene) -> list[int]:
 
 
 SLOT_CLASSES = 1 + len(shapes.KINDS) * len(shapes.COLORS)
+
+
+class WordProbe(torch.nn.Module):
+    """The build's training-only vision probe: each image token, as the vision tower hands it to the
+    language model, must tell the kind and the colour its slot shows (or that it is empty) by its
+    cosine to the language model's own input embeddings of those words (" circle", " red", ...).
+    So the picture arrives in the same directions as the words that name it, and an answer can find
+    "the square" among the image tokens the way it finds a repeated word in the text."""
+
+    def __init__(self, tokenizer, hidden: int):
+        super().__init__()
+        ids = lambda words: torch.tensor([tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + w))[0]
+                                          for w in words])
+        self.register_buffer("kind_ids", ids(shapes.KINDS), persistent=False)
+        self.register_buffer("color_ids", ids(shapes.COLORS), persistent=False)
+        self.empty = torch.nn.Parameter(torch.randn(2, hidden) * 0.02)  # "nothing here" for kind and colour
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, features: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`targets`: the `slot_targets` of the images in turn."""
+        unit = torch.nn.functional.normalize
+        features = unit(features, dim=-1)
+        shown = targets > 0
+        kind = torch.where(shown, (targets - 1) // len(self.color_ids) + 1, 0)
+        color = torch.where(shown, (targets - 1) % len(self.color_ids) + 1, 0)
+        loss = features.new_zeros(())
+        for k, (ids, target) in enumerate(((self.kind_ids, kind), (self.color_ids, color))):
+            words = unit(torch.cat([self.empty[k:k + 1], embeddings[ids]]), dim=-1)
+            loss = loss + torch.nn.functional.cross_entropy(self.scale * features @ words.T, target)
+        return loss
 
 
 def training_batches(processor, settings: BuildSettings):
@@ -148,7 +181,7 @@ class PrefetchedBatches(torch.utils.data.IterableDataset):
         return iter(torch.utils.data.DataLoader(self, batch_size=None, num_workers=1, prefetch_factor=8))
 
 
-def clean_stage(steps: int = 2000, *, batch_size: int = 16, seed: int = 0, threads: int | None = None) -> BuildSettings:
+def clean_stage(steps: int = CLEAN_STEPS, *, batch_size: int = 16, seed: int = 0, threads: int | None = None) -> BuildSettings:
     """Stage 1: the shapes task on conversations without NOISE (HSA's mask is then the causal mask, so
     this stage is the same with or without it)."""
     return BuildSettings(steps=steps, batch_size=batch_size, seed=seed, hsa=True, noise=shapes.CLEAN, threads=threads,
@@ -195,9 +228,7 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
           "lr_scale": settings.vision_lr_scale if visual else 1.0}
          for (visual, decays), params in groups.items()],
         lr=settings.learning_rate, betas=(0.9, 0.98))
-    hidden = model.config.text_config.hidden_size
-    probe = torch.nn.Sequential(torch.nn.LayerNorm(hidden, elementwise_affine=False),
-                                torch.nn.Linear(hidden, SLOT_CLASSES))
+    probe = WordProbe(processor.tokenizer, model.config.text_config.hidden_size)
     optimizer.add_param_group({"params": list(probe.parameters()), "weight_decay": settings.weight_decay,
                                "lr_scale": 1.0})
     merged = []
@@ -217,7 +248,7 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
         loss = model(**batch).loss
         total = loss
         if settings.vision_probe_weight > 0:
-            probe_loss = torch.nn.functional.cross_entropy(probe(merged[0]), targets)
+            probe_loss = probe(merged[0], model.get_input_embeddings().weight, targets)
             total = loss + settings.vision_probe_weight * probe_loss
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -252,7 +283,7 @@ def save(model, processor, out_dir: str | Path, stages: list[BuildSettings], his
     return out_dir
 
 
-def build(out_dir: str | Path = DEFAULT_DIR, *, steps: int = 2000, noisy_steps: int = 200, batch_size: int = 16,
+def build(out_dir: str | Path = DEFAULT_DIR, *, steps: int = CLEAN_STEPS, noisy_steps: int = 200, batch_size: int = 16,
           seed: int = 0, hsa: bool = True, threads: int | None = None, progress: bool = True) -> Path:
     """Train the default model from nothing in two stages and save it to `out_dir`."""
     start = time.monotonic()

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import shapes
-from .build import clean_stage, noisy_stage, train
+from .build import CLEAN_STEPS, clean_stage, noisy_stage, train
 from .evaluate import evaluate, held_out
 
 OUT_DIR = Path(__file__).resolve().parent / "experiment"
@@ -45,7 +45,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class ExperimentSettings:
-    base_steps: int = 2000
+    base_steps: int = CLEAN_STEPS
     steps: int = 200  # stage 2, per arm and seed
     seeds: int = 3
     n: int = 25  # held-out conversations per condition and seed
