@@ -81,7 +81,7 @@ def draw_scene(scene: Scene) -> Image.Image:
     pixel-identical.
 
     The lines are what tells a slot's image token where it is. The language model's M-RoPE gives
-    the width axis only the lowest rotary frequencies, so a column turns a query by at most ~1e-4
+    the width axis only the lowest rotary frequencies, so a column turns a query by at most 3e-4
     rad: the model found columns late or never from positions alone (most of its errors were the
     wrong column). With the lines, each slot's 2x2 patches show the grid's crossing in a different
     corner, which the patch merger reads off directly."""
