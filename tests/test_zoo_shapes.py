@@ -17,13 +17,14 @@ WORDS = {"one": 1, "two": 2, "three": 3}
 
 def read_scene(image: Image.Image) -> dict[str, tuple[str, str]]:
     """An independent reading of a drawn image: slot -> (colour, kind), from pixels only.
+    Coloured pixels are the saturated ones (the white background and the grid's grey lines are not).
     Colour: the palette colour nearest to the slot's coloured pixels. Kind: how much of the
     coloured pixels' bounding box they fill (square ~1, circle ~0.8, triangle ~0.5)."""
     pixels = np.asarray(image.convert("RGB")).astype(int)
     found = {}
     for slot, (row, col) in shapes.SLOTS.items():
         cell = pixels[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28]
-        coloured = np.abs(cell - 255).sum(axis=-1) > 60
+        coloured = cell.max(axis=-1) - cell.min(axis=-1) > 60
         if coloured.sum() < 20:
             continue
         mean = cell[coloured].mean(axis=0)
