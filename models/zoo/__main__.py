@@ -6,12 +6,19 @@ import sys
 from pathlib import Path
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_build = sub.add_parser("build", help="train the default VLM from nothing on the shapes task (CPU)")
-    p_build.add_argument("--steps", type=int, default=None, help="stage 1: steps on clean conversations (default 2400)")
+    p_build.add_argument("--steps", type=positive_int, default=None, help="stage 1: steps on clean conversations (default 2400)")
     p_build.add_argument("--noisy-steps", type=int, default=200, help="stage 2: steps with NOISE turns (and HSA)")
     p_build.add_argument("--batch-size", type=int, default=16)
     p_build.add_argument("--seed", type=int, default=0)

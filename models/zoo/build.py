@@ -40,9 +40,10 @@ class ModelSize:
     vision_heads: int = 2
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildSettings:
-    """One stage of training (`train`); `clean_stage` and `noisy_stage` give the recipe's two."""
+    """One stage of training (`train`); `clean_stage` and `noisy_stage` give the recipe's two, and
+    are the only places that say which data a stage trains on."""
     steps: int = CLEAN_STEPS
     batch_size: int = 16
     learning_rate: float = 3e-3
@@ -56,9 +57,9 @@ class BuildSettings:
     # the saved model is a plain Qwen2-VL.
     vision_probe_weight: float = 1.0
     seed: int = 0
-    data_split: str = "train"  # the random stream the training conversations come from
+    data_split: str  # the random stream the training conversations come from
     hsa: bool = True  # train with attn_implementation="hsa" and semantic_ids
-    noise: shapes.NoiseSpec = shapes.TRAIN_NOISE
+    noise: shapes.NoiseSpec
     size: ModelSize = field(default_factory=ModelSize)
     threads: int | None = None  # torch threads; None keeps torch's default
 
@@ -191,9 +192,10 @@ def clean_stage(steps: int = CLEAN_STEPS, *, batch_size: int = 16, seed: int = 0
 def noisy_stage(steps: int = 200, *, hsa: bool = True, noise: shapes.NoiseSpec = shapes.TRAIN_NOISE,
                 batch_size: int = 16, seed: int = 0, threads: int | None = None) -> BuildSettings:
     """Stage 2: NOISE turns of the training kinds (chit-chat, false claims) before 30% of the questions,
-    at a third of the learning rate, with HSA or plain attention. After 2000 clean steps this stage
-    also lifted clean accuracy (0.83 -> 0.92 with HSA, seed 0): the one-stage build on noisy data from
-    the start reached about 0.75."""
+    at a third of the learning rate, with HSA or plain attention. It keeps clean accuracy (0.895 after
+    the clean stage, 0.900 after this one with HSA: the experiment's three seeds) while teaching the
+    model to answer past NOISE; a one-stage build on noisy data from the start reached only about 0.75
+    (previous recipe)."""
     return BuildSettings(steps=steps, batch_size=batch_size, seed=seed, hsa=hsa, noise=noise, threads=threads,
                          data_split="noisy", learning_rate=1e-3, warmup_steps=min(30, steps // 10))
 
