@@ -84,7 +84,8 @@ def draw_scene(scene: Scene) -> Image.Image:
     the width axis only the lowest rotary frequencies, so a column turns a query by at most 3e-4
     rad: the model found columns late or never from positions alone (most of its errors were the
     wrong column). With the lines, each slot's 2x2 patches show the grid's crossing in a different
-    corner, which the patch merger reads off directly."""
+    corner. The trained tower keeps that for every empty slot but for only about two thirds of the
+    slots with a shape, whose colour outweighs the thin lines (`scripts/slot_readout.py`)."""
     rng = random.Random(scene.seed)
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
     draw = ImageDraw.Draw(image)
