@@ -3,6 +3,11 @@
 each layer, for cells with a shape and empty cells apart. Read-outs are fitted (L-BFGS, small L2) on
 70% of the tokens of fresh conversations and scored on the rest.
 
+Then whether the answers find those tokens: at every query that predicts an answer's word about a
+shape ("The circle is at the| top| left", "The red shape is a| circle"), the attention each layer's
+best head gives that shape's image token among the image's four (`ShapeLookup`; about 0.25 is no
+preference), in scenes of 2-3 shapes, for cell words and for the other words apart.
+
     .venv/bin/python scripts/slot_readout.py [--model DIR] [--n 400]
 """
 from __future__ import annotations
@@ -46,6 +51,7 @@ def main() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from models.zoo import shapes
+    from models.zoo.build import ShapeLookup, attention_inputs
     from workbench.align import HSACollator
 
     processor = AutoProcessor.from_pretrained(args.model)
@@ -54,14 +60,25 @@ def main() -> None:
     samples = shapes.generate(args.n, seed=7, split="readout")
     layers: dict[str, list] = {}
     kinds = []
+    lookup, found, about_cells = ShapeLookup(processor.tokenizer), [], []
+    text_layers = model.model.language_model.layers
     for start in range(0, len(samples), 50):
         chunk = samples[start:start + 50]
         batch = collate([s.record for s in chunk])
-        batch.pop("labels", None)
         merged = []
         hook = model.model.visual.merger.register_forward_hook(lambda module, inputs, output: merged.append(output))
-        with torch.no_grad():
+        answers = lookup.answer_tokens(batch)
+        batch.pop("labels")
+        with torch.no_grad(), attention_inputs(model, range(len(text_layers))) as inputs:
             out = model(**batch, output_hidden_states=True)
+            queries = lookup.queries(batch["input_ids"], answers, [s.scene for s in chunk])
+            queries = queries[torch.tensor([len(chunk[b].scene.shapes) > 1 for b in queries[:, 0].tolist()],
+                                           dtype=torch.bool)]
+            image_positions = ShapeLookup.image_positions(batch["input_ids"], model.config.image_token_id)
+            found.append(torch.stack([ShapeLookup.attention_to_named(layer.self_attn, *inputs[i], image_positions, queries)
+                                      for i, layer in enumerate(text_layers)]))  # (layers, queries, heads)
+            predicted = batch["input_ids"][queries[:, 0], queries[:, 1] + 1]
+            about_cells.append(torch.tensor([word in lookup.cell_words for word in predicted.tolist()], dtype=torch.bool))
         hook.remove()
         image = batch["input_ids"] == model.config.image_token_id
         layers.setdefault("vision", []).append(merged[0])
@@ -82,6 +99,13 @@ def main() -> None:
         kind_ok = fit_and_score(features, kinds, train, 1 + len(shapes.KINDS)).float()
         print(f"{name:<14} {slot_ok.mean():>6.3f} {slot_ok[shown].mean():>13.3f} {slot_ok[~shown].mean():>13.3f} "
               f"{kind_ok.mean():>6.3f}")
+    found, about_cells = torch.cat(found, dim=1), torch.cat(about_cells)
+    for name, rows in (("cell words", about_cells), ("colour and kind words", ~about_cells)):
+        print(f"\nattention on the shape's image token at {int(rows.sum())} queries predicting {name} "
+              f"(scenes of 2-3 shapes; about 0.25 = none)")
+        for i, heads in enumerate(found[:, rows].mean(1)):
+            print(f"layer {i}: best head {heads.max():.2f} (head {int(heads.argmax())}), all heads "
+                  + " ".join(f"{h:.2f}" for h in heads.tolist()))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -110,6 +111,71 @@ def test_the_word_probe_wants_each_image_token_to_point_at_its_words(processor):
         assert probe(right.roll(1, dims=0), embeddings, targets) > 2.0  # the same tokens in the wrong slots
 
 
+def test_shape_lookup_finds_every_word_about_a_shape(processor):
+    """Every colour, kind and cell word of every answer gets one query (the token before it) and the
+    slot of the shape the word is about; NOISE turns and questions get none."""
+    import random
+
+    from models.zoo.build import ShapeLookup
+    from workbench.align import HSACollator
+
+    tokenizer = processor.tokenizer
+    scene = shapes.Scene((shapes.Shape("circle", "red", "bottom right"), shapes.Shape("square", "blue", "top left")), 0)
+    turns = [("Where is the circle?", "The circle is at the bottom right."),
+             ("Is the square on the left or on the right?", "The square is on the left."),
+             ("Which shape is blue?", "The blue shape is a square."),
+             ("Describe the image.", "A blue square at the top left and a red circle at the bottom right."),
+             ("How many shapes are there?", "There are two shapes.")]
+    conversations = []
+    for question, answer in turns:
+        conversations += [{"from": "human", "value": question, "semantic_type": "GLOBAL_CONDITION"},
+                          {"from": "gpt", "value": answer, "semantic_type": "LANDMARK"}]
+    conversations[0]["value"] = "<image>" + conversations[0]["value"]
+    conversations[2:2] = [{"from": "human", "value": "I'm sure the circle is at the top left.", "semantic_type": "NOISE"},
+                          {"from": "gpt", "value": "The square is red.", "semantic_type": "NOISE"}]
+    record = {"conversations": conversations, "images": [shapes.draw_scene(scene)], "system": shapes.SYSTEM_PROMPT}
+    batch = HSACollator(processor)([record])
+    queries = ShapeLookup(tokenizer).queries(batch["input_ids"], ShapeLookup.answer_tokens(batch), [scene])
+    ids = batch["input_ids"][0]
+    seen = [(tokenizer.decode(ids[q + 1]).strip(), list(shapes.SLOTS)[slot]) for _, q, slot in queries.tolist()]
+    circle, square = "bottom right", "top left"
+    assert seen == [("circle", circle), ("bottom", circle), ("right", circle),
+                    ("square", square), ("left", square),
+                    ("blue", square), ("square", square),
+                    ("blue", square), ("square", square), ("top", square), ("left", square),
+                    ("red", circle), ("circle", circle), ("bottom", circle), ("right", circle)]
+    # on generated conversations: one query per such word in the answers
+    samples = [shapes.make_conversation(random.Random(k), noise=shapes.HEAVY_NOISE) for k in range(20)]
+    batch = HSACollator(processor)([s.record for s in samples])
+    queries = ShapeLookup(tokenizer).queries(batch["input_ids"], ShapeLookup.answer_tokens(batch), [s.scene for s in samples])
+    words = "|".join([*shapes.KINDS, *shapes.COLORS, "top", "bottom", "left", "right"])
+    in_answers = sum(len(re.findall(rf"\b({words})\b", t["value"], flags=re.IGNORECASE))
+                     for s in samples for t in s.record["conversations"]
+                     if t["from"] == "gpt" and t["semantic_type"] == "LANDMARK")
+    assert len(queries) == in_answers > 50
+
+
+def test_shape_lookup_reads_the_models_own_attention(processor):
+    """`attention_to_named` is what the model's eager attention gives the named image token,
+    renormalised over the image's tokens, for every head of every layer."""
+    from models.zoo.build import ModelSize, ShapeLookup, attention_inputs, clean_stage, new_model, training_batches
+
+    model = new_model(processor, ModelSize(), seed=3, hsa=False).eval()
+    model.set_attn_implementation("eager")
+    batch, _, queries = next(training_batches(processor, clean_stage(batch_size=6, seed=2)))
+    batch.pop("semantic_ids")
+    layers = model.model.language_model.layers
+    with torch.no_grad(), attention_inputs(model, range(len(layers))) as inputs:
+        attentions = model(**batch, output_attentions=True).attentions
+    image = ShapeLookup.image_positions(batch["input_ids"], model.config.image_token_id)
+    assert len(queries) > 5
+    for i, layer in enumerate(layers):
+        ours = ShapeLookup.attention_to_named(layer.self_attn, *inputs[i], image, queries)
+        for m, (b, q, slot) in enumerate(queries.tolist()):
+            over_image = attentions[i][b, :, q, image[b]]
+            torch.testing.assert_close(ours[m], over_image[:, slot] / over_image.sum(-1), rtol=1e-4, atol=1e-6)
+
+
 def test_prefetched_batches_are_the_training_batches(processor):
     """The worker process draws exactly the batches the build would draw itself (a pure function of the seed)."""
     from models.zoo.build import PrefetchedBatches, clean_stage, noisy_stage, training_batches
@@ -126,11 +192,11 @@ def test_prefetched_batches_are_the_training_batches(processor):
     for inline, prefetched in loaders:
         assert not isinstance(prefetched, types.GeneratorType)  # batches come from the worker
         for _ in range(3):
-            (batch, targets), (other, other_targets) = next(inline), next(prefetched)
+            (batch, *targets), (other, *other_targets) = next(inline), next(prefetched)
             assert batch.keys() == other.keys()
             for key in batch:
                 assert torch.equal(batch[key], other[key]), key
-            assert torch.equal(targets, other_targets)
+            assert all(torch.equal(a, b) for a, b in zip(targets, other_targets, strict=True))
 
 
 LOAD_WITH_AUTO_CLASSES = """
