@@ -74,9 +74,6 @@ def test_eval_command_on_the_default_model():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the committed default model answers 0.93-0.94 of clean held-out questions "
-                                        "(100 conversations; 0.91 on these 20): it still names the wrong cell for "
-                                        "a shape asked by kind, below issue 3's target of 0.95")
 def test_default_model_meets_the_accuracy_target():
     from models.zoo.evaluate import evaluate_model
 
