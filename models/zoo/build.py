@@ -227,6 +227,17 @@ class ShapeLookup:
         return weights.gather(2, target[:, None, None].expand(-1, heads, 1)).squeeze(2)
 
 
+    @staticmethod
+    def loss(model, layer_inputs: dict, input_ids: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """-log of the attention on the named image tokens, averaged over every head of the layers in
+        `layer_inputs` (what `attention_inputs` caught): a mixture, so one head that finds the shape is enough."""
+        layers = model.model.language_model.layers
+        image_positions = ShapeLookup.image_positions(input_ids, model.config.image_token_id)
+        found = torch.cat([ShapeLookup.attention_to_named(layers[index].self_attn, *inputs, image_positions, queries)
+                           for index, inputs in layer_inputs.items()], 1)
+        return -torch.log(found.mean(1) + 1e-6).mean()
+
+
 @contextmanager
 def attention_inputs(model, layers):
     """{layer index: (hidden_states, position_embeddings)}: what the attention module of each of the
@@ -332,7 +343,7 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
     merged = []
     hook = model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.append(output))
     layers = model.model.language_model.layers
-    looked_at = range(1, len(layers)) if settings.lookup_weight > 0 else range(0)
+    looked_at = range(1, len(layers)) if settings.lookup_weight > 0 else range(0)  # layer 0 cannot know the shape
     history = []
     batches = PrefetchedBatches(processor, settings).loader()
     bar = tqdm(range(settings.steps), desc="hsa" if settings.hsa else "plain", disable=not progress,
@@ -352,11 +363,7 @@ def train(settings: BuildSettings, *, processor=None, model=None, progress: bool
                 probe_loss = probe(merged[0], model.get_input_embeddings().weight, targets)
                 total = loss + settings.vision_probe_weight * probe_loss
             if looked_at and len(lookups):
-                image_positions = ShapeLookup.image_positions(batch["input_ids"], model.config.image_token_id)
-                found = torch.cat([ShapeLookup.attention_to_named(layers[index].self_attn, *layer_inputs[index],
-                                                                 image_positions, lookups) for index in looked_at], 1)
-                lookup_loss = -torch.log(found.mean(1) + 1e-6).mean()  # a mixture over all heads of those layers
-                total = total + settings.lookup_weight * lookup_loss
+                total = total + settings.lookup_weight * ShapeLookup.loss(model, layer_inputs, batch["input_ids"], lookups)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
