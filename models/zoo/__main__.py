@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p_build.add_argument("--no-hsa", action="store_true", help="stage 2 with plain attention, no semantic_ids")
     p_build.add_argument("--threads", type=int, default=None,
                          help="torch CPU threads (default: torch's). Another count changes the float sums and "
-                              "with them the model; the committed one was built with --threads 1")
+                              "with them the model; the committed one was built with the default, 2 threads here")
 
     p_eval = sub.add_parser("eval", help="accuracy on fresh held-out shapes conversations (greedy decoding)")
     p_eval.add_argument("--n", type=int, default=100, help="number of conversations")
