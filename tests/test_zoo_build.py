@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -174,6 +175,35 @@ def test_shape_lookup_reads_the_models_own_attention(processor):
         for m, (b, q, slot) in enumerate(queries.tolist()):
             over_image = attentions[i][b, :, q, image[b]]
             torch.testing.assert_close(ours[m], over_image[:, slot] / over_image.sum(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_training_batches_are_each_window_of_conversations_grouped_by_length(processor):
+    """The first LENGTH_GROUPS batches hold the window's conversations, each once; each batch is what
+    HSACollator makes of its records, with their slot classes; and the batches split the window by
+    length (no batch has a conversation longer than one in a batch of longer conversations)."""
+    from models.zoo.build import LENGTH_GROUPS, clean_stage, slot_targets, training_batches
+    from workbench.align import HSACollator
+
+    stage = clean_stage(batch_size=3, seed=7)
+    drawn = training_batches(processor, stage)
+    samples = [shapes.make_conversation(random.Random(shapes.conversation_seed(stage.data_split, 7, j)),
+                                        noise=stage.noise)
+               for j in range(3 * LENGTH_GROUPS)]
+    collate = HSACollator(processor)
+    alone = [collate([s.record])["input_ids"][0] for s in samples]
+    groups = []
+    for _ in range(LENGTH_GROUPS):
+        batch, targets, _ = next(drawn)
+        rows = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        group = [next(j for j, ids in enumerate(alone) if torch.equal(ids, row)) for row in rows]
+        expected = collate([samples[j].record for j in group])
+        assert batch.keys() == expected.keys()
+        assert all(torch.equal(batch[key], expected[key]) for key in batch), group
+        assert torch.equal(targets, torch.tensor([c for j in group for c in slot_targets(samples[j].scene)]))
+        groups.append(group)
+    assert sorted(j for group in groups for j in group) == list(range(len(samples)))
+    lengths = sorted(sorted(len(alone[j]) for j in group) for group in groups)
+    assert all(shorter[-1] <= longer[0] for shorter, longer in zip(lengths, lengths[1:])), lengths
 
 
 def test_prefetched_batches_are_the_training_batches(processor):
