@@ -73,5 +73,6 @@ def main() -> None:
         ratio = sum(times["hsa"]) / sum(times["in order"])
         print(f"{name:<8} {draw:>7.3f} {hsa:>7.3f} {sdpa:>7.3f} {hsa / sdpa:>9.2f} {paddings:>27} {ratio:>24.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 `build(out_dir)` makes the tokenizer and processor, initialises a `Qwen2VLForConditionalGeneration`
 from a small config, trains it on freshly generated shapes conversations (batches from
 `workbench.align`'s `align_record` and `pad_batch`, as its `HSACollator` makes them, so the roles
-reach the attention as `semantic_ids`), and saves model + processor with `save_pretrained`. Training has two stages (`clean_stage`, then `noisy_stage` with HSA):
-the default model is the HSA arm of the experiment in `models.zoo.experiment`, seed 0.
+reach the attention as `semantic_ids`), and saves model + processor with `save_pretrained`.
+Training has two stages (`clean_stage`, then `noisy_stage` with HSA): the default model is the HSA
+arm of the experiment in `models.zoo.experiment`, seed 0.
 """
 from __future__ import annotations
 
@@ -260,8 +261,8 @@ def training_batches(processor, settings: BuildSettings):
     """Endless batches of fresh conversations (a pure function of the seed), with the slot classes
     of their image tokens for the vision probe and the `ShapeLookup` queries.
 
-    Conversations are drawn `LENGTH_GROUPS` batches at a time and batched by length, as
-    LLaMA-Factory and the transformers Trainer do with `group_by_length`: padding falls from 25% of
+    Conversations are drawn `LENGTH_GROUPS` batches at a time and batched by length, as the
+    transformers Trainer does with `group_by_length`: padding falls from 25% of
     the tokens to 8% (34% to 13% with NOISE turns), and a step's forward and backward by 13-17%
     (`bench/RESULTS.md`). The groups then go in a shuffled order, so length does not climb within
     each window."""
