@@ -28,8 +28,6 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import random
-
     from models.zoo import shapes
     from models.zoo.build import LENGTH_GROUPS, ModelSize, clean_stage, new_model, noisy_stage, training_batches
     from models.zoo.processor import build_processor
@@ -58,8 +56,7 @@ def main() -> None:
         start = time.perf_counter()
         grouped = [next(batches)[0] for _ in range(n)]
         draw = (time.perf_counter() - start) / n  # a mean: batches are drawn a window at a time
-        samples = [shapes.make_conversation(random.Random(shapes.conversation_seed(stage.data_split, stage.seed, j)),
-                                            noise=stage.noise) for j in range(n * stage.batch_size)]
+        samples = shapes.generate(n * stage.batch_size, seed=stage.seed, split=stage.data_split, noise=stage.noise)
         in_order = [collate([s.record for s in samples[k:k + stage.batch_size]])
                     for k in range(0, len(samples), stage.batch_size)]
         models = {attn: new_model(processor, size, hsa=attn == "hsa").train() for attn in ("hsa", "sdpa")}

@@ -186,9 +186,7 @@ def test_training_batches_are_each_window_of_conversations_grouped_by_length(pro
 
     stage = clean_stage(batch_size=3, seed=7)
     drawn = training_batches(processor, stage)
-    samples = [shapes.make_conversation(random.Random(shapes.conversation_seed(stage.data_split, 7, j)),
-                                        noise=stage.noise)
-               for j in range(3 * LENGTH_GROUPS)]
+    samples = shapes.generate(3 * LENGTH_GROUPS, seed=7, split=stage.data_split, noise=stage.noise)
     collate = HSACollator(processor)
     alone = [collate([s.record])["input_ids"][0] for s in samples]
     groups = []

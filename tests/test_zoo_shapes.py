@@ -72,6 +72,9 @@ def test_same_seed_same_data_and_different_seeds_differ():
     d = shapes.generate(6, seed=3, split="eval", noise=shapes.HEAVY_NOISE)
     assert [x.record["conversations"] for x in a] != [x.record["conversations"] for x in c]
     assert [x.record["conversations"] for x in a] != [x.record["conversations"] for x in d]
+    pieces = shapes.generate(2, seed=3, noise=shapes.HEAVY_NOISE) + shapes.generate(4, seed=3, noise=shapes.HEAVY_NOISE,
+                                                                                   start=2)
+    assert [x.record["conversations"] for x in pieces] == [x.record["conversations"] for x in a]
 
 
 def test_images_suit_qwen2vl_patching():

@@ -228,7 +228,6 @@ class ShapeLookup:
         weights = ((query @ key.transpose(-1, -2)).squeeze(2) * dim ** -0.5).softmax(-1)  # (M, heads, 4)
         return weights.gather(2, target[:, None, None].expand(-1, heads, 1)).squeeze(2)
 
-
     @staticmethod
     def loss(model, layer_inputs: dict, input_ids: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """-log of the attention on the named image tokens, averaged over every head of the layers in
@@ -271,10 +270,8 @@ def training_batches(processor, settings: BuildSettings):
     window = LENGTH_GROUPS * settings.batch_size
     index = 0
     while True:
-        samples = [shapes.make_conversation(random.Random(shapes.conversation_seed(settings.data_split, settings.seed,
-                                                                                   index + j)),
-                                            noise=settings.noise)
-                   for j in range(window)]
+        samples = shapes.generate(window, seed=settings.seed, split=settings.data_split, noise=settings.noise,
+                                  start=index)
         aligned = [align_record(s.record, processor) for s in samples]
         by_length = sorted(range(window), key=lambda j: len(aligned[j]))
         groups = [by_length[k:k + settings.batch_size] for k in range(0, window, settings.batch_size)]

@@ -370,10 +370,11 @@ def conversation_seed(split: str, seed: int, index: int) -> str:
 
 
 def generate(n: int, *, seed: int = 0, split: str = "train", noise: NoiseSpec = CLEAN,
-             n_questions: tuple[int, int] = (2, 4)) -> list[Sample]:
-    """`n` conversations, a pure function of (split, seed, noise, n_questions)."""
+             n_questions: tuple[int, int] = (2, 4), start: int = 0) -> list[Sample]:
+    """Conversations `start` .. `start + n - 1` of a stream that is a pure function of (split, seed,
+    noise, n_questions): drawing it in pieces gives the same conversations as drawing it at once."""
     return [make_conversation(random.Random(conversation_seed(split, seed, i)), noise=noise,
-                              n_questions=n_questions) for i in range(n)]
+                              n_questions=n_questions) for i in range(start, start + n)]
 
 
 # --- export ----------------------------------------------------------------------------------
