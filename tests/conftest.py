@@ -134,6 +134,57 @@ def save_tiny_qwen2vl(directory: Path, processor=None, seed: int = 0) -> Path:
     return Path(directory)
 
 
+def save_vision_part(directory: Path, family: str = "clip", seed: int = 0) -> Path:
+    """A tiny random vision encoder of a real family (CLIP with a CLS token, SigLIP without), with its
+    image processor: 56x56 images in 28-pixel patches, so four patch features per image."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                 patch_size=28)
+    if family == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**shape)).save_pretrained(directory)
+        CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(directory)
+    elif family == "siglip":
+        SiglipVisionModel(SiglipVisionConfig(**shape)).save_pretrained(directory)
+        SiglipImageProcessor(size={"height": 56, "width": 56}).save_pretrained(directory)
+    else:
+        raise ValueError(family)
+    return Path(directory)
+
+
+def save_language_part(directory: Path, family: str = "qwen3", tokenizer=None, seed: int = 0) -> Path:
+    """A tiny random causal LM of a real family (Qwen3 or Llama) with the local BPE tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tokenizer or build_bpe_tokenizer()
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **shape))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        raise ValueError(family)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+def save_tiny_composed(directory: Path, vision: str = "clip", lm: str = "qwen3", seed: int = 0) -> Path:
+    """A composed (Llava) VLM from tiny random parts, saved like any checkpoint."""
+    from models.composed import assemble, save
+
+    parts = Path(directory).parent / f"{Path(directory).name}-parts"
+    model, processor = assemble(save_vision_part(parts / vision, vision, seed), save_language_part(parts / lm, lm, seed=seed))
+    return save(model, processor, directory)
+
+
 def shapes_png(path: Path, color=(255, 0, 0), size: int = 56) -> Path:
     from PIL import Image, ImageDraw
 
