@@ -17,6 +17,7 @@ import torch
 from models.hsa import GLOBAL, LANDMARK, NOISE, parse_role
 
 IMAGE_PLACEHOLDER = "<image>"
+CAPTION_PROMPT = "Describe the image."  # the question a bare {"image", "caption"} pair is asked as
 IGNORE_INDEX = -100
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -62,6 +63,7 @@ def normalize_record(record, *, index=None) -> Conversation:
     where = _where(index)
     if not isinstance(record, dict):
         raise AlignError(f"{where}: expected an object with 'conversations', got {type(record).__name__}")
+    record = _caption_as_conversation(record, where)
     turns_in = record.get("conversations", record.get("messages"))
     if not isinstance(turns_in, list) or not turns_in:
         raise AlignError(f"{where}: 'conversations' must be a non-empty list of turns")
@@ -95,6 +97,37 @@ def normalize_record(record, *, index=None) -> Conversation:
     if placeholders != len(images):
         raise AlignError(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
     return Conversation(turns, list(images), where)
+
+
+def _caption_as_conversation(record: dict, where: str) -> dict:
+    """LLaVA-pretrain style data as ShareGPT: `{"image": PATH, "caption": TEXT}` becomes one question
+    (`CAPTION_PROMPT`) and the caption as the answer; a singular `"image"` becomes `"images": [PATH]`,
+    with `<image>` put before the first turn's text when no turn holds it (LLaVA's own records do)."""
+    if "image" not in record and "caption" not in record:
+        return record
+    record = dict(record)
+    if "caption" in record:
+        if "conversations" in record or "messages" in record:
+            raise AlignError(f"{where}: has both a 'caption' and 'conversations'; give one")
+        caption = record.pop("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise AlignError(f"{where}: 'caption' must be a non-empty string")
+        record["conversations"] = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}{CAPTION_PROMPT}"},
+                                   {"from": "gpt", "value": caption, "semantic_type": "LANDMARK"}]
+    if "image" in record:
+        if "images" in record:
+            raise AlignError(f"{where}: has both 'image' and 'images'; give one")
+        image = record.pop("image")
+        record["images"] = [image] if image not in (None, "") else []
+        turns = record.get("conversations", record.get("messages"))
+        if record["images"] and isinstance(turns, list) and turns and isinstance(turns[0], dict) and \
+                not any(IMAGE_PLACEHOLDER in str(t.get("value", t.get("content", ""))) for t in turns
+                        if isinstance(t, dict)):
+            first = dict(turns[0])
+            key = "value" if "value" in first else "content"
+            first[key] = IMAGE_PLACEHOLDER + str(first.get(key, ""))
+            record["conversations" if "conversations" in record else "messages"] = [first, *turns[1:]]
+    return record
 
 
 def _parse_spans(raw_spans, text: str, at: str) -> list[Span]:

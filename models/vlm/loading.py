@@ -77,6 +77,37 @@ def load_vlm(path_or_hub_id: str | Path, *, attn_implementation: str = "hsa", ad
     return model, processor
 
 
+def merge_adapter(adapter: str | Path, out_dir: str | Path, *, base: str | Path | None = None) -> Path:
+    """Fold a LoRA adapter into its base model (`merge_and_unload`) and save a plain checkpoint, with
+    the processor, that loads without peft. The base loads in full precision on the CPU, whatever the
+    run trained in (a QLoRA adapter merges into the unquantized weights, as QLoRA's authors do);
+    `base` defaults to the one the adapter names. A projector or other module the run trained in
+    full (peft's modules_to_save) replaces the base's."""
+    import json
+
+    adapter = Path(adapter)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise VLMLoadError(f"{adapter} is not a PEFT adapter (no adapter_config.json)")
+    base = str(base or json.loads(config_file.read_text()).get("base_model_name_or_path") or "")
+    if not base:
+        raise VLMLoadError(f"{adapter} does not name its base model; give it")
+    model, processor = load_vlm(base, adapter=adapter, device="cpu", dtype=torch.float32,
+                                attn_implementation="sdpa")
+    merged = model.merge_and_unload()
+    hsa_trained = getattr(merged.config, "hsa_trained", None)
+    run_info = adapter / "workbench_run.json"
+    if run_info.is_file():  # the run says whether it trained under the HSA mask
+        hsa_trained = bool(json.loads(run_info.read_text()).get("hsa", hsa_trained))
+    if hsa_trained is not None:
+        merged.config.hsa_trained = hsa_trained
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def uses_hsa(model) -> bool:
     """Whether the model's attention applies the HSA rule (so generation should pass semantic_ids)."""
     config = getattr(model, "config", None)

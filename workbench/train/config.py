@@ -11,14 +11,14 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = PROJECT_ROOT / "models" / "zoo" / "default_vlm"
+from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL
 # The language model's projections (Llama/Qwen naming). The vision tower is excluded by
 # LORA_EXCLUDE: Qwen2.5-VL's vision MLP reuses the names gate_proj/up_proj/down_proj.
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_EXCLUDE = r".*(visual|vision_tower|vision_model|multi_modal_projector|mm_projector).*"
 QUANTIZATIONS = ("none", "8bit", "4bit")
 FINETUNING = ("lora", "full")
+STAGES = ("align", "sft")  # models.composed.STAGES: align trains a composed VLM's projector alone
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -36,7 +36,10 @@ class TrainConfig:
     base_model: str = str(DEFAULT_MODEL)          # a local directory or a hub id
     store_db: str = ""                            # the annotation database, for "store:NAME" datasets
     image_root: str = ""                          # where relative image paths resolve; default: the dataset's folder
-    finetuning: str = "lora"                      # "lora" or "full"
+    stage: str = "sft"                            # "sft": conversations; "align": a composed VLM's projector alone
+    finetuning: str = "lora"                      # "lora" or "full" (stage "sft")
+    train_projector: bool = True                  # a composed VLM's projector trains in full beside LoRA
+    merge: bool = False                           # after LoRA: merge_and_unload into a plain checkpoint, merged/
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -75,7 +78,8 @@ KEYS = [f.name for f in fields(TrainConfig)]
 _DEFAULTS = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(TrainConfig)
              if f.name != "dataset"}
 _TYPES = {
-    "dataset": str, "output_dir": str, "base_model": str, "store_db": str, "image_root": str, "finetuning": str,
+    "dataset": str, "output_dir": str, "base_model": str, "store_db": str, "image_root": str, "stage": str, "finetuning": str,
+    "train_projector": bool, "merge": bool,
     "lora_r": int, "lora_alpha": int, "lora_dropout": float, "quantization": str, "learning_rate": float,
     "lr_scheduler": str, "warmup": float, "epochs": float, "max_steps": int, "batch_size": int, "grad_accum": int,
     "max_length": int, "hsa": bool, "seed": int, "eval_split": float, "eval_steps": int, "logging_steps": int,
@@ -115,7 +119,47 @@ def parse_config(raw: dict, *, base_dir: Path | None = None) -> TrainConfig:
     _check_consistency(config, given, problems)
     if problems:
         raise ConfigError("; ".join(problems))
-    return _resolve_paths(config, Path(base_dir) if base_dir else Path.cwd())
+    config = _resolve_paths(config, Path(base_dir) if base_dir else Path.cwd())
+    _check_projector(config, given, problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
+def model_config(base_model: str) -> dict | None:
+    """The base model's config.json as a dict, read without loading weights (a local directory, or a hub
+    id already in the local cache); None when it cannot be read here."""
+    local = Path(base_model) / "config.json"
+    if local.is_file():
+        try:
+            return json.loads(local.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(base_model, local_files_only=True).to_dict()
+    except Exception:  # not cached, not a model id, ...: the run itself will say why
+        return None
+
+
+def has_projector(model_config: dict) -> bool:
+    """A composed (LLaVA-style) VLM: a projector between its vision tower and its language model."""
+    return "vision_feature_layer" in model_config or model_config.get("model_type") == "llava"
+
+
+def _check_projector(c: TrainConfig, given: set[str], problems: list[str]) -> None:
+    """Keys that need a projector are refused for a model without one (read from its config.json)."""
+    wants = "stage 'align'" if c.stage == "align" else \
+        "train_projector" if "train_projector" in given and c.train_projector else None
+    if wants is None:
+        return
+    found = model_config(c.base_model)
+    if found is None:
+        problems.append(f"{wants} needs a composed VLM, but the config of base_model {c.base_model!r} cannot be read")
+    elif not has_projector(found):
+        problems.append(f"{wants} needs a composed (LLaVA) VLM with a projector; base_model {c.base_model!r} is a "
+                        f"{found.get('model_type', 'model')} without one")
 
 
 def _check_type(key: str, value, problems: list[str]):
@@ -154,6 +198,7 @@ def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> 
         if getattr(c, key) not in allowed:
             problems.append(f"{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")
 
+    choice("stage", STAGES)
     choice("finetuning", FINETUNING)
     choice("quantization", QUANTIZATIONS)
     choice("lr_scheduler", SCHEDULERS)
@@ -167,6 +212,16 @@ def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> 
         if c.quantization != "none":
             problems.append(f"quantization {c.quantization!r} needs finetuning 'lora' (a quantized model "
                             "cannot be fully fine-tuned; that is what QLoRA is for)")
+    if c.stage == "align":
+        sft_only = sorted(k for k in given if k.startswith("lora_") or k in ("finetuning", "train_projector", "merge"))
+        if sft_only:
+            problems.append(f"{', '.join(sft_only)} given but stage is 'align', which trains the projector alone "
+                            "(those keys apply to stage 'sft')")
+        if c.quantization != "none":
+            problems.append(f"quantization {c.quantization!r} given but stage 'align' trains the projector in full "
+                            "precision")
+    if c.merge and c.finetuning != "lora":
+        problems.append("merge given but finetuning is 'full': merging folds a LoRA adapter into its base")
     if "epochs" in given and "max_steps" in given and c.max_steps > 0:
         problems.append("both epochs and max_steps given: give one (max_steps would override epochs)")
     for key in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
@@ -213,7 +268,10 @@ def _resolve_paths(c: TrainConfig, base: Path) -> TrainConfig:
         name = c.store_dataset or Path(c.dataset).stem
         c.output_dir = str(Path("runs") / name)
     c.output_dir = resolve(c.output_dir)
-    # a local model directory given relatively; anything else is a hub id
+    # an embedded model's name ("default", "composed"), a local directory given relatively, or a hub id
+    from models.zoo import embedded_model
+
+    c.base_model = str(embedded_model(c.base_model))
     base_model = Path(c.base_model).expanduser()
     if not base_model.is_absolute() and (base / base_model).exists():
         c.base_model = str((base / base_model).resolve())

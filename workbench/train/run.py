@@ -19,13 +19,14 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import get_last_checkpoint
 
 import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
+from models.composed import PROJECTOR, freeze_for_align, projector_parameters
 from models.vlm.processor import load_processor
 from workbench.align import AlignError, HSACollator, normalize_record
 
 from .config import LORA_EXCLUDE, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
-ADAPTER_DIR, MODEL_DIR = "adapter", "model"
+ADAPTER_DIR, MODEL_DIR, MERGED_DIR = "adapter", "model", "merged"
 RUN_INFO = "workbench_run.json"  # next to the adapter: what the Chat tab needs to load it
 
 
@@ -147,6 +148,9 @@ def load_model(config: TrainConfig):
         model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)  # a text-only model
     model.config.use_cache = False  # a KV cache is for generation; it only costs memory in training
 
+    if config.stage == "align":  # a composed VLM's projector alone; the vision tower and the LM stay frozen
+        freeze_for_align(model)
+        return model
     if config.finetuning == "full":
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -161,8 +165,12 @@ def load_model(config: TrainConfig):
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    # A composed VLM's projector is new to the language model: it trains in full beside the LoRA adapter
+    # (peft saves it with the adapter), as in LLaVA's fine-tuning stage.
+    full = [PROJECTOR] if config.train_projector and projector_parameters(model) else None
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target, exclude_modules=LORA_EXCLUDE, task_type="CAUSAL_LM")
+                      target_modules=config.lora_target, exclude_modules=LORA_EXCLUDE, modules_to_save=full,
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -294,14 +302,39 @@ def train(config: TrainConfig) -> dict:
     if eval_records:
         trainer.evaluate()
 
-    target = out / (ADAPTER_DIR if config.finetuning == "lora" else MODEL_DIR)
+    lora = config.stage == "sft" and config.finetuning == "lora"
+    target = out / (ADAPTER_DIR if lora else MODEL_DIR)
     trainer.save_model(str(target))
     summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
-               "saved": str(target), "base_model": config.base_model, "hsa": config.hsa,
-               "finetuning": config.finetuning, "quantization": config.quantization}
+               "saved": str(target), "base_model": config.base_model, "hsa": config.hsa, "stage": config.stage,
+               "finetuning": config.finetuning if config.stage == "sft" else "projector",
+               "quantization": config.quantization}
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(target))
+        if not lora:
+            _record_hsa(target, config.hsa)
         (target / RUN_INFO).write_text(json.dumps(summary, indent=2))
+        if lora and config.merge:
+            del trainer, model  # the merge loads the base afresh in full precision
+            summary["merged"] = str(merge_run_adapter(out))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"saved {config.finetuning} weights to {target}", flush=True)
+        print(f"saved {summary['finetuning']} weights to {target}", flush=True)
     return summary
+
+
+def _record_hsa(model_dir: Path, hsa: bool) -> None:
+    """config.hsa_trained of a saved full model: models.vlm picks its attention default from it."""
+    config_file = model_dir / "config.json"
+    data = json.loads(config_file.read_text())
+    data["hsa_trained"] = hsa
+    config_file.write_text(json.dumps(data, indent=2))
+
+
+def merge_run_adapter(run_dir: Path) -> Path:
+    """run_dir/adapter folded into its base: a plain checkpoint in run_dir/merged (what the Train tab's
+    Merge button and the config's `merge` do)."""
+    from models.vlm import merge_adapter
+
+    target = Path(run_dir) / MERGED_DIR
+    print(f"merging the adapter into its base: {target}", flush=True)
+    return merge_adapter(Path(run_dir) / ADAPTER_DIR, target)

@@ -1,0 +1,139 @@
+"""The two training stages of a composed VLM as real background runs (`python -m workbench.train`):
+"align" trains the projector alone on image-caption pairs, "sft" LoRA on the language model with the
+projector in full; a finished LoRA run merges into a plain checkpoint. Configs that cannot work are
+refused by name before anything starts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_composed, save_tiny_qwen2vl
+
+from workbench.jobs import SUCCEEDED, RunManager, group_members
+from workbench.train import ConfigError, parse_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory) -> Path:
+    return save_tiny_composed(tmp_path_factory.mktemp("composed") / "model", "clip", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    """Conversations (ShareGPT, with NOISE turns) and LLaVA-pretrain style captions of the same pictures."""
+    from models.zoo import shapes
+
+    out = tmp_path_factory.mktemp("data")
+    samples = shapes.generate(8, seed=0, noise=shapes.TRAIN_NOISE)
+    conversations = shapes.export_sharegpt(samples, out, name="shapes")
+    records = json.loads(conversations.read_text())
+    captions = [{"image": record["images"][0], "caption": shapes.describe_answer(sample.scene)}
+                for record, sample in zip(records, samples)]
+    (out / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    return out
+
+
+@pytest.fixture
+def manager(tmp_path):
+    m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
+    yield m
+    m.close()
+    for run in m.list():
+        if run.pgid and group_members(run.pgid):
+            import os
+            os.killpg(run.pgid, 9)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(directory).state_dict()
+
+
+def test_align_stage_changes_only_the_projector(manager, composed, shapes_data):
+    config = {"dataset": str(shapes_data / "captions.jsonl"), "base_model": str(composed), "stage": "align",
+              "max_steps": 3, "batch_size": 2, "learning_rate": 1e-2}
+    run = manager.wait(manager.submit(config, name="align").id, timeout=300)
+    assert run.status == SUCCEEDED, manager.log_tail(run.id)
+    before, after = weights(composed), weights(run.output_dir / "model")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    projector = {name for name in before if "multi_modal_projector" in name}
+    assert changed == projector  # every projector tensor moved, and nothing else did
+    info = json.loads((run.output_dir / "model" / "workbench_run.json").read_text())
+    assert info["stage"] == "align" and info["finetuning"] == "projector"
+    assert json.loads((run.output_dir / "model" / "config.json").read_text())["hsa_trained"] is True
+
+
+def test_sft_stage_writes_a_lora_adapter_with_the_projector_and_merges(manager, composed, shapes_data):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    config = {"dataset": str(shapes_data / "shapes.json"), "base_model": str(composed), "max_steps": 3,
+              "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "merge": True}
+    run = manager.wait(manager.submit(config, name="sft").id, timeout=300)
+    assert run.status == SUCCEEDED, manager.log_tail(run.id)
+    adapter = run.output_dir / "adapter"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["modules_to_save"] == ["multi_modal_projector"]
+    assert not any("vision" in m or "projector" in m for m in adapter_config["target_modules"])
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_B" in name and "language_model" in name for name in saved)
+    assert any("multi_modal_projector" in name and "lora" not in name for name in saved)
+
+    # the merged checkpoint is the base with the adapter folded in: same logits, no peft needed
+    merged = AutoModelForImageTextToText.from_pretrained(run.output_dir / "merged").eval()
+    assert json.loads((run.output_dir / "merged" / "config.json").read_text())["hsa_trained"] is True
+    with_adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(composed), adapter).eval()
+    ids = torch.tensor([[1, 5, 9, 30, 31, 32]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert not torch.equal(weights(composed)["model.multi_modal_projector.linear_1.weight"],
+                           merged.state_dict()["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_stage_keys_that_cannot_work_are_refused_by_name(tmp_path, composed, shapes_data):
+    qwen2vl = save_tiny_qwen2vl(tmp_path / "qwen2vl")
+    data = str(shapes_data / "shapes.json")
+    with pytest.raises(ConfigError, match="stage 'align' needs a composed .* qwen2_vl without one"):
+        parse_config({"dataset": data, "base_model": str(qwen2vl), "stage": "align"})
+    with pytest.raises(ConfigError, match="train_projector needs a composed"):
+        parse_config({"dataset": data, "base_model": str(qwen2vl), "train_projector": True})
+    with pytest.raises(ConfigError, match="lora_r given but stage is 'align'"):
+        parse_config({"dataset": data, "base_model": str(composed), "stage": "align", "lora_r": 8})
+    with pytest.raises(ConfigError, match="quantization '4bit' given but stage 'align'"):
+        parse_config({"dataset": data, "base_model": str(composed), "stage": "align", "quantization": "4bit"})
+    with pytest.raises(ConfigError, match="stage must be one of align, sft"):
+        parse_config({"dataset": data, "stage": "pretrain"})
+    with pytest.raises(ConfigError, match="merge given but finetuning is 'full'"):
+        parse_config({"dataset": data, "finetuning": "full", "merge": True})
+    assert parse_config({"dataset": data, "base_model": str(composed), "stage": "align"}).stage == "align"
+    # the embedded models go by name
+    from models.zoo import DEFAULT_COMPOSED_DIR, DEFAULT_VLM_DIR
+
+    assert parse_config({"dataset": data, "base_model": "default"}).base_model == str(DEFAULT_VLM_DIR)
+    assert parse_config({"dataset": data, "base_model": "composed"}).base_model == str(DEFAULT_COMPOSED_DIR)
+
+
+def test_caption_records_align_as_one_question_and_answer():
+    from workbench.align import CAPTION_PROMPT, AlignError, normalize_record
+
+    conversation = normalize_record({"image": "a.png", "caption": "A red circle."})
+    assert conversation.images == ["a.png"]
+    assert [(t.speaker, t.text) for t in conversation.turns] == [("user", f"<image>{CAPTION_PROMPT}"),
+                                                                  ("assistant", "A red circle.")]
+    llava = normalize_record({"image": "a.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                                                  {"from": "gpt", "value": "A circle."}]})
+    assert llava.turns[0].text == "<image>What is it?" and llava.images == ["a.png"]
+    with pytest.raises(AlignError, match="record 3: has both a 'caption' and 'conversations'"):
+        normalize_record({"image": "a.png", "caption": "x", "conversations": []}, index=3)
+    with pytest.raises(AlignError, match="'caption' must be a non-empty string"):
+        normalize_record({"image": "a.png", "caption": ""})
