@@ -207,3 +207,31 @@ def test_the_command_writes_pngs_and_json(processor, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "workbench.attention", str(conversation), "--model", str(model_dir),
                           "--layer", "9", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert bad.returncode == 2 and "layer 9 is out of range" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_composed_vlm_gives_the_reference_maps_and_its_square_patch_grid(tmp_path):
+    from conftest import save_tiny_composed
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    directory = save_tiny_composed(tmp_path / "composed", "clip", "qwen3")
+    model = AutoModelForImageTextToText.from_pretrained(directory, attn_implementation="hsa").eval()
+    eager = AutoModelForImageTextToText.from_pretrained(directory, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    image = Image.new("RGB", (56, 56), "white")
+    image.paste((255, 0, 0), (28, 0, 56, 28))  # the top-right patch
+    image.save(tmp_path / "scene.png")
+    record = record_with_image()
+    result = compute_attention(model, processor, record, layer=1, image_root=tmp_path)
+    batch, roles = model_batch(processor, record, tmp_path)
+    with torch.no_grad():
+        plain = eager(**batch, output_attentions=True).attentions
+    np.testing.assert_allclose(result.off, plain[1][0].mean(0).numpy(), atol=1e-5)
+    assert result.noise_mass["hsa_on"] == [0.0, 0.0]
+    # CLIP's 2x2 patches, CLS dropped: four image tokens laid out row by row
+    assert result.image_grids == [(1, 2, 2)] and len(result.image_positions[0]) == 4
+    query = len(result) - 1
+    result.on = result.on.copy()
+    result.on[query] = 0.0
+    result.on[query, result.image_positions[0][1]] = 1.0  # all on the second image token: top right
+    cells = image_attention(result, query, mode="on")
+    assert np.unravel_index(cells.argmax(), cells.shape) == (0, 1)

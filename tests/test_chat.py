@@ -72,6 +72,13 @@ def test_finished_runs_are_found_by_their_adapters(tmp_path):
     checkpoint.mkdir()
     (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
     assert finished_runs(tmp_path) == {"run: run-1": ("/models/base", str(adapter))}
+    # a merged adapter is a model of its own; a run that saved a whole model (full tuning, align) is that model
+    for run, folder in (("run-1", "merged"), ("run-2", "model")):
+        (tmp_path / run / folder).mkdir(parents=True)
+        (tmp_path / run / folder / "config.json").write_text("{}")
+    assert finished_runs(tmp_path) == {"run: run-1": ("/models/base", str(adapter)),
+                                       "run: run-1 · merged": (str(tmp_path / "run-1" / "merged"), None),
+                                       "run: run-2": (str(tmp_path / "run-2" / "model"), None)}
 
 
 def test_closing_a_stream_stops_the_generation(qwen2vl_processor, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,11 @@ import plotly.graph_objects as go
 import torch
 
 from models.hsa import IMPLEMENTATION, NOISE, ROLE_NAMES, AttentionProbe
+from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL
+from models.zoo import embedded_model
 from workbench.align import Aligned, align_record, normalize_record, pad_batch, pad_token_id
 from workbench.mask_view import ROLE_COLORS, token_label
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "models" / "zoo" / "default_vlm"
 MODES = ("off", "on", "diff")
 
 
@@ -243,6 +244,15 @@ def _image_layout(batch: dict, is_image: torch.Tensor, merge: int):
     processor lays image tokens out: image by image, frame by frame, row-major over merged cells."""
     where = torch.nonzero(is_image).flatten().tolist()
     grid_thw = batch.get("image_grid_thw")
+    if where and grid_thw is None and batch.get("pixel_values") is not None:
+        # A LLaVA-style model: every image is the same square grid of patch features, row by row.
+        images = batch["pixel_values"].shape[0]
+        per_image, rest = divmod(len(where), images)
+        side = math.isqrt(per_image)
+        if rest or side * side != per_image:
+            raise ValueError(f"{len(where)} image tokens for {images} image(s) do not make square patch grids "
+                             "(a CLS token kept as an image token?)")
+        return [where[k * per_image:(k + 1) * per_image] for k in range(images)], [(1, side, side)] * images
     if not where or grid_thw is None:
         return [], []
     positions, grids, start = [], [], 0
@@ -503,8 +513,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("conversation", type=Path, help="a ShareGPT record (JSON; images relative to the file)")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory or hub id "
-                        "(default: the embedded default VLM)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, hub id, or an "
+                        "embedded model's name: default, composed (default: the embedded default VLM)")
     parser.add_argument("--layer", type=int, required=True)
     parser.add_argument("--head", default="mean", help="a head number, or 'mean' for the mean over heads")
     parser.add_argument("--token", type=int, default=None, help="token whose attention to overlay on the image")
@@ -517,7 +527,7 @@ def main(argv=None) -> int:
     try:
         head = None if args.head == "mean" else int(args.head)
         record = parse_conversation_text(args.conversation.read_text())
-        model, processor = load_model(args.model)
+        model, processor = load_model(str(embedded_model(args.model)))
         result = compute_attention(model, processor, record, layer=args.layer, head=head,
                                    image_root=args.conversation.resolve().parent, max_length=args.max_length,
                                    model_name=str(args.model))

@@ -176,21 +176,26 @@ class ModelPool:
             return list(self._models)
 
 
-def finished_runs(runs_dir: Path) -> dict[str, tuple[str, str]]:
-    """Runs that left a PEFT adapter: label -> (base model, adapter directory)."""
+def finished_runs(runs_dir: Path) -> dict[str, tuple[str, str | None]]:
+    """Runs that left something to chat with: label -> (model, adapter directory or None).
+    A LoRA run's adapter goes on its base ("run: NAME"); a run that saved a whole model (full
+    fine-tuning, a composed VLM's align stage) is that model; a merged adapter is "run: NAME · merged"."""
     found = {}
-    for adapter_config in sorted(Path(runs_dir).glob("*/**/adapter_config.json")):
-        adapter = adapter_config.parent
-        if "checkpoint-" in adapter.name:
-            continue
-        try:
-            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        except (OSError, json.JSONDecodeError):
-            continue
-        if base:
-            run = adapter.relative_to(runs_dir).parts[0]
-            found[f"run: {run}"] = (base, str(adapter))
-    return found
+    runs_dir = Path(runs_dir)
+    for config_file in sorted(runs_dir.glob("*/*/*config.json")):
+        directory, run = config_file.parent, config_file.parent.parent.name
+        if config_file.name == "adapter_config.json" and directory.name == "adapter":
+            try:
+                base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if base:
+                found[f"run: {run}"] = (base, str(directory))
+        elif config_file.name == "config.json" and directory.name == "model":
+            found[f"run: {run}"] = (str(directory), None)
+        elif config_file.name == "config.json" and directory.name == "merged":
+            found[f"run: {run} · merged"] = (str(directory), None)
+    return dict(sorted(found.items()))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -31,7 +31,7 @@ class ChatBackend:
         return load_vlm(name, adapter=adapter)
 
     def model_choices(self) -> list[str]:
-        return ["default", *finished_runs(self.ctx.runs_dir)]
+        return [*self.ctx.embedded_names(), *finished_runs(self.ctx.runs_dir)]
 
     def resolve(self, choice: str) -> tuple[str, str | None]:
         runs = finished_runs(self.ctx.runs_dir)

@@ -5,8 +5,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.zoo import DEFAULT_VLM_DIR as DEFAULT_VLM
+from models.zoo import EMBEDDED
+
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_VLM = ROOT / "models" / "zoo" / "default_vlm"
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,17 @@ class AppContext:
                    runs_dir=workspace / "runs", default_model=Path(default_model or DEFAULT_VLM))
 
     def resolve_model(self, name: str | None) -> str:
-        """'' / 'default' -> the embedded default model; anything else is a path or a hub id."""
+        """'' / 'default' -> the default model; an embedded model's name ('composed', ...) -> its
+        directory; anything else is a path or a hub id."""
         name = (name or "").strip()
-        return str(self.default_model) if name in ("", "default") else name
+        if name in ("", "default"):
+            return str(self.default_model)
+        return str(EMBEDDED.get(name, name))
+
+    @staticmethod
+    def embedded_names() -> list[str]:
+        """The embedded models that are built (their directory has a config), by name."""
+        return [name for name, directory in EMBEDDED.items() if (directory / "config.json").is_file()]
 
     def inside_workspace(self, path: str | Path) -> Path:
         """The resolved path, refused when it would leave the workspace (uploads, exports)."""
