@@ -137,3 +137,42 @@ def test_caption_records_align_as_one_question_and_answer():
         normalize_record({"image": "a.png", "caption": "x", "conversations": []}, index=3)
     with pytest.raises(AlignError, match="'caption' must be a non-empty string"):
         normalize_record({"image": "a.png", "caption": ""})
+
+
+def test_the_train_tab_runs_both_stages_merges_and_offers_each_result_in_chat(tmp_path, composed, shapes_data):
+    import shutil
+
+    from workbench.ui import train as tab
+    from workbench.ui.chat import ChatBackend
+    from workbench.ui.context import AppContext
+
+    ctx = AppContext.create(tmp_path / "ws")
+    for name in ("captions.jsonl", "shapes.json"):
+        shutil.copy(shapes_data / name, ctx.workspace / name)
+    shutil.copytree(shapes_data / "shapes", ctx.workspace / "shapes")
+    manager = tab.manager_of(ctx)
+    try:
+        presets = {name: dict(zip(tab.FORM_FIELDS, tab.preset_values(name))) for name in tab.PRESETS}
+        align = presets["Align · composed default (projector only)"]
+        align.update(base_model=str(composed), dataset="captions.jsonl", max_steps=2, extra="", eval_split=0)
+        config, _ = tab.form_config(ctx, align)
+        assert config["stage"] == "align" and not {"finetuning", "quantization", "lora_r", "merge"} & set(config)
+        lora = presets["LoRA · composed default (projector in full)"]
+        lora.update(base_model=str(composed), dataset="shapes.json", max_steps=2, extra="", eval_split=0,
+                    lora_r=4, merge=False)
+        ids = [tab.start_run(ctx, values)[0] for values in (align, lora)]
+        runs = [manager.wait(run_id, timeout=300) for run_id in ids]
+        assert [r.status for r in runs] == [SUCCEEDED, SUCCEEDED], [manager.log_tail(r.id) for r in runs]
+        # the align run saved a whole model: chat with it as it is
+        target = tab.chat_target(manager, runs[0].id)
+        assert target.adapter is None and target.base_model == str(runs[0].output_dir / "model")
+        text, label = tab.merge_run(manager, runs[0].id)
+        assert "no LoRA adapter" in text and label == ""
+        text, label = tab.merge_run(manager, runs[1].id)
+        assert label == f"run: run-{runs[1].id:04d} · merged", text
+        choices = ChatBackend(ctx).model_choices()
+        assert {f"run: run-{runs[0].id:04d}", f"run: run-{runs[1].id:04d}", label} <= set(choices)
+        assert ChatBackend(ctx).resolve(label) == (str(runs[1].output_dir / "merged"), None)
+    finally:
+        manager.close()
+        tab.manager_for.cache_clear()

@@ -21,6 +21,7 @@ import gradio as gr
 from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
 from workbench.jobs.manager import CONFIG_NAME
 from workbench.train.config import SCHEDULERS, ConfigError, defaults, parse_config
+from workbench.train.run import ADAPTER_DIR, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
 
 DEFAULTS = defaults()
@@ -37,6 +38,17 @@ PRESETS: dict[str, dict] = {
         "epochs": 2.0, "max_steps": -1, "batch_size": 1, "grad_accum": 8, "max_length": 2048, "hsa": True,
         "eval_split": 0.05, "nproc": 1,
     },
+    "Align · composed default (projector only)": {
+        "base_model": "composed", "stage": "align", "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup": 0.03,
+        "epochs": 1.0, "max_steps": 30, "batch_size": 4, "grad_accum": 1, "max_length": 1024, "hsa": True,
+        "eval_split": 0.1, "nproc": 1,
+    },
+    "LoRA · composed default (projector in full)": {
+        "base_model": "composed", "stage": "sft", "finetuning": "lora", "quantization": "none", "lora_r": 16,
+        "lora_alpha": 32, "lora_dropout": 0.05, "learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup": 0.0,
+        "epochs": 1.0, "max_steps": 30, "batch_size": 2, "grad_accum": 1, "max_length": 1024, "hsa": True,
+        "eval_split": 0.1, "nproc": 1,
+    },
     "Full fine-tuning · default model": {
         "base_model": "default", "finetuning": "full", "quantization": "none", "learning_rate": 5e-5,
         "lr_scheduler": "cosine", "warmup": 0.05, "epochs": 1.0, "max_steps": 50, "batch_size": 2, "grad_accum": 1,
@@ -44,7 +56,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 # the form's fields, in the order of `build`'s inputs
-FORM_FIELDS = ["base_model", "dataset", "finetuning", "quantization", "lora_r", "lora_alpha", "lora_dropout",
+FORM_FIELDS = ["base_model", "dataset", "stage", "finetuning", "quantization", "merge", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target", "learning_rate", "lr_scheduler", "warmup", "epochs", "max_steps", "batch_size",
                "grad_accum", "max_length", "hsa", "seed", "eval_split", "nproc", "extra"]
 RUN_HEADERS = ["id", "name", "status", "step", "loss", "eval loss", "started", "duration", "output"]
@@ -85,9 +97,15 @@ def form_config(ctx: AppContext, values: dict) -> tuple[dict, int]:
                     "dataset": (values.get("dataset") or "").strip()}
     if config["dataset"].startswith("store:"):
         config["store_db"] = str(ctx.db_path)
-    config["finetuning"] = values["finetuning"]
-    config["quantization"] = values["quantization"]
-    if values["finetuning"] == "lora":
+    stage = values.get("stage") or "sft"
+    if stage == "align":  # the projector alone: no fine-tuning method, LoRA or quantization keys apply
+        config["stage"] = "align"
+    else:
+        config["finetuning"] = values["finetuning"]
+        config["quantization"] = values["quantization"]
+        if values.get("merge") and values["finetuning"] == "lora":
+            config["merge"] = True
+    if stage != "align" and values["finetuning"] == "lora":
         config.update(lora_r=int(values["lora_r"]), lora_alpha=int(values["lora_alpha"]),
                       lora_dropout=float(values["lora_dropout"]))
         target = (values.get("lora_target") or "").strip()
@@ -281,23 +299,44 @@ def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int
 @dataclass
 class ChatTarget:
     label: str       # the Chat tab's model choice for this run ("run: run-0003")
-    base_model: str
-    adapter: str
+    base_model: str  # the model to load: the run's base for an adapter, else the run's own saved model
+    adapter: str | None
 
 
 def chat_target(manager: RunManager, run_id: int) -> ChatTarget:
-    """What the Chat tab needs to talk to a finished run: its base model and adapter directory."""
+    """What the Chat tab needs to talk to a finished run: its adapter on its base, or the whole model
+    it saved (full fine-tuning, a composed VLM's align stage)."""
     run = manager.get(int(run_id))
-    adapter = run.output_dir / "adapter"
-    if run.status not in FINISHED or not (adapter / "adapter_config.json").exists():
-        raise ValueError(f"run {run.id} has no adapter yet ({run.status}); chat with it when it has succeeded")
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") \
-        or run.config.get("base_model")
+    adapter, model = run.output_dir / ADAPTER_DIR, run.output_dir / MODEL_DIR
     try:
         label = f"run: {run.output_dir.relative_to(manager.runs_dir).parts[0]}"
     except ValueError:
-        label = str(adapter)
+        label = str(adapter if adapter.is_dir() else model)
+    if run.status in FINISHED and (model / "config.json").is_file():
+        return ChatTarget(label=label, base_model=str(model), adapter=None)
+    if run.status not in FINISHED or not (adapter / "adapter_config.json").exists():
+        raise ValueError(f"run {run.id} has no adapter or model yet ({run.status}); chat with it when it has succeeded")
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") \
+        or run.config.get("base_model")
     return ChatTarget(label=label, base_model=base, adapter=str(adapter))
+
+
+def merge_run(manager: RunManager, run_id: int | None) -> tuple[str, str]:
+    """Fold a finished LoRA run's adapter into its base (`merge_and_unload`) as run/merged, a plain
+    checkpoint; (message, the Chat tab's model choice for it)."""
+    if run_id is None:
+        return "Select a finished LoRA run to merge.", ""
+    run = manager.get(int(run_id))
+    if run.status not in FINISHED or not (run.output_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        return f"Run {run.id} has no LoRA adapter to merge ({run.status}).", ""
+    from models.vlm import VLMLoadError
+
+    try:
+        target = merge_run_adapter(run.output_dir)
+    except (VLMLoadError, OSError, ValueError) as error:
+        return f"**Not merged:** {error}", ""
+    label = f"{chat_target(manager, run.id).label} · merged"
+    return f"Run {run.id} merged into `{target}`: a plain checkpoint (no peft needed). In the Chat tab: **{label}**.", label
 
 
 # ---- the tab --------------------------------------------------------------------------------------
@@ -320,15 +359,20 @@ def build(ctx: AppContext) -> TrainTab:
         with gr.Column(scale=3):
             preset = gr.Dropdown(list(PRESETS), value=first_preset, label="Preset", elem_id="train-preset")
             with gr.Row():
-                base_model = gr.Textbox(p["base_model"], label="Base model (default, a path or a hub id)", scale=2)
+                base_model = gr.Textbox(p["base_model"], label="Base model (default, composed, a path or a hub id)",
+                                        scale=2, elem_id="train-base-model")
                 dataset = gr.Textbox("", label="Dataset: a ShareGPT .json/.jsonl (path in the workspace) or "
                                      "store:NAME", placeholder="shapes.json or store:my-dataset", scale=2,
                                      elem_id="train-dataset")
             with gr.Row():
+                stage = gr.Radio(["sft", "align"], value=p.get("stage", "sft"), elem_id="train-stage",
+                                 label="Stage (align: a composed VLM's projector alone, on captions)")
                 finetuning = gr.Radio(["lora", "full"], value=p["finetuning"], label="Fine-tuning")
                 quantization = gr.Radio(["none", "8bit", "4bit"], value=p["quantization"],
                                         label="Quantization (4bit = QLoRA, NF4 + double quant)")
                 hsa = gr.Checkbox(p["hsa"], label="HSA mask during training", elem_id="train-hsa")
+                merge = gr.Checkbox(p.get("merge", False), label="Merge the adapter when done",
+                                    elem_id="train-merge")
             with gr.Row():
                 lora_r = gr.Number(p["lora_r"], precision=0, label="LoRA r")
                 lora_alpha = gr.Number(p["lora_alpha"], precision=0, label="LoRA alpha")
@@ -367,6 +411,7 @@ def build(ctx: AppContext) -> TrainTab:
         cancel_button = gr.Button("Cancel", scale=1, elem_id="train-cancel")
         resume_button = gr.Button("Resume", scale=1, elem_id="train-resume")
         chat_button = gr.Button("Chat with this run", scale=1, elem_id="train-chat")
+        merge_button = gr.Button("Merge adapter", scale=1, elem_id="train-merge-run")
     action = gr.Markdown(elem_id="train-action")
     summary = gr.Markdown(elem_id="train-summary")
     plot = gr.Plot(curves_figure([]), label="Loss and learning rate", elem_id="train-curves")
@@ -381,11 +426,12 @@ def build(ctx: AppContext) -> TrainTab:
                                     elem_id="train-chat-model")
     timer = gr.Timer(2.0)
 
-    form = [base_model, dataset, finetuning, quantization, lora_r, lora_alpha, lora_dropout, lora_target,
+    form = [base_model, dataset, stage, finetuning, quantization, merge, lora_r, lora_alpha, lora_dropout, lora_target,
             learning_rate, lr_scheduler, warmup, epochs, max_steps, batch_size, grad_accum, max_length, hsa, seed,
             eval_split, nproc, extra]
 
     def values_of(*args) -> dict:
+        assert len(args) == len(FORM_FIELDS), "the form's widgets and FORM_FIELDS disagree"
         return dict(zip(FORM_FIELDS, args))
 
     def on_preview(*args):
@@ -433,8 +479,14 @@ def build(ctx: AppContext) -> TrainTab:
             target = chat_target(manager, run_id)
         except ValueError as e:
             return str(e), ""
+        if target.adapter is None:
+            return f"In the Chat tab, pick **{target.label}** (the model `{target.base_model}`).", target.label
         return (f"In the Chat tab, pick **{target.label}** (base `{target.base_model}`, adapter "
                 f"`{target.adapter}`)."), target.label
+
+    def on_merge(run_id, progress=gr.Progress()):
+        progress(0.1, desc="merging the adapter into its base…")
+        return merge_run(manager, run_id)
 
     preset.change(preset_values, preset, form)
     preview_button.click(on_preview, form, [command_box, config_box, message])
@@ -447,4 +499,5 @@ def build(ctx: AppContext) -> TrainTab:
     resume_button.click(on_resume, selected, action)
     clone_button.click(on_clone, [selected, edits], [action, selected])
     chat_button.click(on_chat, selected, [action, chat_model])
+    merge_button.click(on_merge, selected, [action, chat_model])
     return TrainTab(chat_button=chat_button, chat_model=chat_model, selected_run=selected)
