@@ -15,6 +15,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def bench_record(n_questions: int = 3) -> dict:
+    """A shapes conversation with an image and NOISE, up to its last question."""
+    from models.zoo import shapes
+
+    sample = shapes.generate(1, seed=0, split="bench", noise=shapes.TRAIN_NOISE,
+                             n_questions=(n_questions, n_questions))[0]
+    return {**sample.record, "conversations": sample.record["conversations"][:-1]}
+
+
+def first_token_and_decode(model, processor, record, new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first streamed token, decode tokens/s over `new_tokens` forced tokens) of one reply."""
+    import torch
+
+    from models.vlm import GenerationSettings, stream_reply
+    from models.vlm.generation import _generate, _generate_kwargs, prompt_inputs
+
+    settings = GenerationSettings(mode="greedy", max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    next(iter(stream_reply(model, processor, record, settings=settings)))
+    first = time.perf_counter() - start
+    inputs = prompt_inputs(model, processor, record)
+    kwargs = {**_generate_kwargs(model, processor, settings), "min_new_tokens": new_tokens}
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = _generate(model, inputs, kwargs)
+    elapsed = time.perf_counter() - start
+    return first, (out.shape[1] - inputs["input_ids"].shape[1]) / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "zoo" / "default_vlm")
@@ -27,13 +56,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models.vlm import GenerationSettings, load_vlm, stream_reply
-    from models.vlm.generation import _generate, _generate_kwargs, prompt_inputs
-    from models.zoo import shapes
+    from models.vlm import load_vlm
+    from models.vlm.generation import prompt_inputs
 
-    sample = shapes.generate(1, seed=0, split="bench", noise=shapes.TRAIN_NOISE, n_questions=(3, 3))[0]
-    turns = sample.record["conversations"]
-    record = {**sample.record, "conversations": turns[:-1]}  # up to the last question
+    record = bench_record()
     rows = []
     for attn in ("hsa", "sdpa"):
         loads = []
@@ -41,22 +67,10 @@ def main() -> None:
             start = time.perf_counter()
             model, processor = load_vlm(args.model, attn_implementation=attn, device="cpu")
             loads.append(time.perf_counter() - start)
-        settings = GenerationSettings(mode="greedy", max_new_tokens=args.new_tokens)
         prompt_len = prompt_inputs(model, processor, record)["input_ids"].shape[1]
-        first, rates = [], []
-        for _ in range(args.repeats + 1):
-            start = time.perf_counter()
-            next(iter(stream_reply(model, processor, record, settings=settings)))
-            first.append(time.perf_counter() - start)
-            inputs = prompt_inputs(model, processor, record)
-            kwargs = {**_generate_kwargs(model, processor, settings), "min_new_tokens": args.new_tokens}
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = _generate(model, inputs, kwargs)
-            elapsed = time.perf_counter() - start
-            new = out.shape[1] - inputs["input_ids"].shape[1]
-            rates.append(new / elapsed)
-        first, rates = first[1:], rates[1:]  # the first call warms up
+        measured = [first_token_and_decode(model, processor, record, args.new_tokens)
+                    for _ in range(args.repeats + 1)][1:]  # the first call warms up
+        first, rates = zip(*measured)
         rows.append((attn, statistics.median(loads), statistics.median(first), statistics.median(rates), prompt_len))
     print(f"default VLM {args.model.name} on CPU ({torch.get_num_threads()} threads), prompt with image, "
           f"median of {args.repeats}")
