@@ -541,7 +541,7 @@ def build(ctx) -> None:
                               allow_custom_value=False)
         status_filter = gr.Radio(list(STATUSES), value="all", label="Show", scale=2)
         search = gr.Textbox(label="Search text", placeholder="find conversations containing…", scale=2)
-        model = gr.Textbox("default", label="Tokens of model", info=f"'default', a path, or '{WORDS}'", scale=2)
+        model = gr.Textbox("default", label="Tokens of model", info=f"'default', 'composed', a path, or '{WORDS}'", scale=2)
         author = gr.Textbox("annotator", label="Your name", scale=1)
     with gr.Row():
         prev_button = gr.Button("◀ Previous", scale=1)

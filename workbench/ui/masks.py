@@ -90,7 +90,7 @@ def build(ctx: AppContext) -> None:
         with gr.Column(scale=2):
             text = gr.Code(EXAMPLE_MARKED, language=None, label="Conversation", lines=16, elem_id="mask-input")
             with gr.Row():
-                model = gr.Textbox("default", label="Tokenizer of model (path or hub id)", scale=3,
+                model = gr.Textbox("default", label="Tokenizer of model (default, composed, a path or a hub id)", scale=3,
                                    elem_id="mask-model")
                 max_length = gr.Number(0, label="Max length (0: none)", precision=0, scale=1, minimum=0)
             with gr.Accordion("Images named in the JSON", open=False):
