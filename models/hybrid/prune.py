@@ -121,17 +121,22 @@ def make_plan(stats: list[dict | None], layer_types: list[str], *, sliding_windo
     drops = sorted((d for d in decisions if d["action"] == "drop_attention"), key=lambda d: -d["gate"]["mean"])
     cap = t["max_attention_drops"]
     for d in drops[cap:] if cap is not None else []:
-        d.update(action="keep", after=d["before"],
-                 reason=f"{_g(d['gate'])}: would drop attention, but at most {cap} layer(s) may lose it")
+        sliding = d["gate"]["mean"] >= t["sliding_above"]
+        d.update(action="sliding" if sliding and not is_sliding(d["before"]) else "keep",
+                 after=layer_type_for(True, True, sliding or is_sliding(d["before"])),
+                 reason=f"{_g(d['gate'])}: would drop attention, but at most {cap} layer(s) may lose it"
+                        + ("; attention kept in a window" if sliding else ""))
 
-    # keep enough full-attention layers: restore those that rely most on attention (lowest g)
+    # keep enough full-attention layers: restore full attention where it was trained (full before),
+    # on the layers that rely on it the most (lowest g); a Mamba drop decided above stays
     def full(d):
         return has_attention(d["after"]) and not is_sliding(d["after"])
     missing = t["min_full_attention"] - sum(full(d) for d in decisions)
     restorable = sorted((d for d in decisions if not full(d) and has_attention(d["before"]) and d["gate"]),
-                        key=lambda d: d["gate"]["mean"])
+                        key=lambda d: (is_sliding(d["before"]), d["gate"]["mean"]))
     for d in restorable[:max(missing, 0)]:
-        d.update(action="keep", after=layer_type_for(has_mamba(d["before"]), True, False),
+        d.update(action="drop_mamba" if d["action"] == "drop_mamba" else "keep",
+                 after=layer_type_for(has_mamba(d["after"]), True, False),
                  reason=f"{_g(d['gate'])}: kept with full attention, the model keeps at least "
                         f"{t['min_full_attention']} full-attention layer(s) and this layer relies on attention "
                         f"the most")
