@@ -64,6 +64,14 @@ class HybridMixer(FalconH1Mixer):
                 and cache_params.get_conv_state(self.layer_idx) is not None
                 and not cache_params.is_recording_past(self.layer_idx)):
             return self.decode_step(hidden_states, cache_params, attention_mask)
+        if self.training and cache_params is None and attention_mask is not None and hidden_states.is_cuda:
+            # mamba-ssm's fused training kernel takes no mask: it would skip the zeroing of the conv
+            # output at padding / NOISE tokens. The unfused kernels (also differentiable) do not.
+            self.training = False
+            try:
+                return super().forward(hidden_states, attention_mask=attention_mask)
+            finally:
+                self.training = True
         return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
 
     def decode_step(self, hidden_states, cache_params: Cache, attention_mask=None):
