@@ -156,7 +156,8 @@ def save_vision_part(directory: Path, family: str = "clip", seed: int = 0) -> Pa
 
 
 def save_language_part(directory: Path, family: str = "qwen3", tokenizer=None, seed: int = 0) -> Path:
-    """A tiny random causal LM of a real family (Qwen3 or Llama) with the local BPE tokenizer."""
+    """A tiny random causal LM of a real family (Qwen3, Llama, or the Mamba+attention hybrid) with the
+    local BPE tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -169,6 +170,11 @@ def save_language_part(directory: Path, family: str = "qwen3", tokenizer=None, s
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **shape))
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shape))
+    elif family == "hybrid":  # the parallel Mamba + attention hybrid (models.hybrid)
+        from models.hybrid.testing import tiny_config
+        from models.hybrid import HSAHybridForCausalLM
+
+        model = HSAHybridForCausalLM(tiny_config(**{k: v for k, v in shape.items() if k != "max_position_embeddings"}))
     else:
         raise ValueError(family)
     model.save_pretrained(directory)

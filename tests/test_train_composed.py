@@ -176,3 +176,46 @@ def test_the_train_tab_runs_both_stages_merges_and_offers_each_result_in_chat(tm
     finally:
         manager.close()
         tab.manager_for.cache_clear()
+
+
+def test_a_hybrid_vlm_trains_with_gate_regularizers_and_logs_gate_statistics(manager, tmp_path, shapes_data):
+    composed = save_tiny_composed(tmp_path / "hybrid-vlm", "clip", "hybrid")
+    config = {"dataset": str(shapes_data / "shapes.json"), "base_model": str(composed), "max_steps": 3,
+              "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "gate_balance_weight": 0.1, "gate_entropy_weight": 0.01,
+              "gate_entropy_steps": 2}
+    run = manager.wait(manager.submit(config, name="hybrid").id, timeout=300)
+    assert run.status == SUCCEEDED, manager.log_tail(run.id)
+    # LoRA reaches the attention, the MLP, the Mamba in_proj and the gate, never out_proj or conv1d
+    targets = json.loads((run.output_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    names = {t.rsplit(".", 1)[-1] for t in targets}
+    assert {"q_proj", "in_proj", "gate_proj"} <= names and not names & {"out_proj", "conv1d"}
+    from safetensors.torch import load_file
+
+    wrapped = {name.split(".lora_")[0] for name in load_file(run.output_dir / "adapter" / "adapter_model.safetensors")
+               if ".lora_" in name}
+    assert wrapped and all("language_model" in name for name in wrapped)  # peft shortens target names; the
+    assert any(name.endswith("mamba.in_proj") for name in wrapped)       # weights say what it wrapped
+    metrics = [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [m for m in metrics if "loss" in m]
+    assert len(logged) == 3 and all(0.0 <= m["gate_entropy"] <= 0.6932 and m["gate_balance"] >= 0 for m in logged)
+    stats = [json.loads(line) for line in (run.output_dir / "gate_stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [1, 2, 3]
+    layers = stats[-1]["layers"]
+    assert len(layers) == 2 and all(0.0 <= layer["mean"] <= 1.0 and layer["tokens"] > 0 for layer in layers)
+    # the prune planner reads the run directory as it is
+    from models.hybrid import make_plan, read_gate_stats
+
+    averaged, steps = read_gate_stats(run.output_dir / "gate_stats.jsonl")
+    assert steps == [1, 2, 3] and len(make_plan(averaged, ["hybrid"] * 2)["layer_types"]) == 2
+
+
+def test_gate_keys_need_a_hybrid_and_mamba_out_proj_is_refused(tmp_path, composed, shapes_data):
+    data = str(shapes_data / "shapes.json")
+    with pytest.raises(ConfigError, match="gate_balance_weight given but base_model .* has no fusion gates"):
+        parse_config({"dataset": data, "base_model": str(composed), "gate_balance_weight": 0.1})
+    hybrid = save_tiny_composed(tmp_path / "hybrid-vlm", "siglip", "hybrid")
+    with pytest.raises(ConfigError, match="lora_target out_proj: LoRA cannot wrap a Mamba mixer"):
+        parse_config({"dataset": data, "base_model": str(hybrid), "lora_target": ["q_proj", "out_proj"]})
+    with pytest.raises(ConfigError, match="gate_balance_target must be in"):
+        parse_config({"dataset": data, "base_model": str(hybrid), "gate_balance_target": 2.0})
+    assert parse_config({"dataset": data, "base_model": str(hybrid), "gate_entropy_weight": 0.01}).gate_entropy_weight

@@ -97,6 +97,9 @@ def assemble(vision: str | Path, lm: str | Path, *, vision_feature_layer: int = 
     for towers without one (SigLIP)."""
     from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    import models.hsa  # noqa: F401  (registers "hsa")
+    import models.hybrid  # noqa: F401  (the hsa_hybrid language model loads by its type)
+
     vision, lm = str(vision), str(lm)
     vision_config, tower, has_cls = _vision_parts(vision)
     if select_strategy is None:
@@ -113,9 +116,11 @@ def assemble(vision: str | Path, lm: str | Path, *, vision_feature_layer: int = 
         language_model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise ComposeError(f"language model {lm!r}: cannot load it as a causal LM: {error}") from error
-    if not getattr(language_model, "_supports_attention_backend", False):
-        raise ComposeError(f"language model {lm!r} ({language_model.config.model_type}) does not use the "
-                           "attention interface, so HSA cannot reach its attention")
+    try:  # HSA reaches the language model through its attention implementation
+        language_model.set_attn_implementation("hsa")
+    except (ValueError, ImportError) as error:
+        raise ComposeError(f"language model {lm!r} ({language_model.config.model_type}) cannot take "
+                           f"attn_implementation='hsa': {error}") from error
     tokenizer = _tokenizer(lm)
 
     config = LlavaConfig(vision_config=vision_config.to_dict(), text_config=language_model.config.to_dict(),

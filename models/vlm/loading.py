@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
+import models.hybrid  # noqa: F401  (a composed VLM over the Mamba+attention hybrid loads by its model type)
 
 from .processor import load_processor
 

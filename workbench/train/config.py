@@ -65,6 +65,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # A Mamba+attention hybrid's fusion gates (models.hybrid): regularizers added to the loss.
+    gate_balance_weight: float = 0.0              # x (mean gate - gate_balance_target)^2, per layer
+    gate_balance_target: float = 0.5
+    gate_entropy_weight: float = 0.0              # x -(binary entropy of the gates): against early saturation
+    gate_entropy_steps: int = 0                   # the entropy term only for the first N steps; 0: all steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +89,8 @@ _TYPES = {
     "lr_scheduler": str, "warmup": float, "epochs": float, "max_steps": int, "batch_size": int, "grad_accum": int,
     "max_length": int, "hsa": bool, "seed": int, "eval_split": float, "eval_steps": int, "logging_steps": int,
     "save_steps": int, "save_total_limit": int, "dtype": str, "gradient_checkpointing": bool,
-    "weight_decay": float, "max_grad_norm": float,
+    "weight_decay": float, "max_grad_norm": float, "gate_balance_weight": float, "gate_balance_target": float,
+    "gate_entropy_weight": float, "gate_entropy_steps": int,
 }
 
 
@@ -121,6 +127,7 @@ def parse_config(raw: dict, *, base_dir: Path | None = None) -> TrainConfig:
         raise ConfigError("; ".join(problems))
     config = _resolve_paths(config, Path(base_dir) if base_dir else Path.cwd())
     _check_projector(config, given, problems)
+    _check_hybrid(config, given, problems)
     if problems:
         raise ConfigError("; ".join(problems))
     return config
@@ -146,6 +153,40 @@ def model_config(base_model: str) -> dict | None:
 def has_projector(model_config: dict) -> bool:
     """A composed (LLaVA-style) VLM: a projector between its vision tower and its language model."""
     return "vision_feature_layer" in model_config or model_config.get("model_type") == "llava"
+
+
+HYBRID_TYPE = "hsa_hybrid"  # models.hybrid.MODEL_TYPE (not imported here: checking a config loads no torch)
+# peft refuses LoRA on a Mamba mixer's out_proj and conv1d for the Mamba types it knows (the fused
+# kernel reads out_proj's weight directly); the hybrid is not in its list, so the rule is applied here.
+MAMBA_NO_LORA = ("out_proj", "conv1d")
+
+
+def is_hybrid(model_config: dict) -> bool:
+    """A Mamba+attention hybrid language model, alone or inside a composed VLM."""
+    text = model_config.get("text_config") or {}
+    return HYBRID_TYPE in (model_config.get("model_type"), text.get("model_type"))
+
+
+def _check_hybrid(c: TrainConfig, given: set[str], problems: list[str]) -> None:
+    gate_keys = sorted(k for k in given if k.startswith("gate_") and
+                       (getattr(c, k) != 0 if k.endswith("weight") else True))
+    targets = c.lora_target if isinstance(c.lora_target, list) else []
+    mamba_targets = sorted({t for t in targets for name in MAMBA_NO_LORA if t == name or t.endswith("." + name)})
+    if not gate_keys and not mamba_targets:
+        return
+    found = model_config(c.base_model)
+    if found is None:
+        if gate_keys:
+            problems.append(f"{', '.join(gate_keys)} need a hybrid model, but the config of base_model "
+                            f"{c.base_model!r} cannot be read")
+        return
+    if gate_keys and not is_hybrid(found):
+        problems.append(f"{', '.join(gate_keys)} given but base_model {c.base_model!r} has no fusion gates "
+                        f"(it is a {found.get('model_type', 'model')}, not an {HYBRID_TYPE} hybrid)")
+    if mamba_targets and is_hybrid(found):
+        problems.append(f"lora_target {', '.join(mamba_targets)}: LoRA cannot wrap a Mamba mixer's "
+                        f"{' or '.join(MAMBA_NO_LORA)} (the fused kernel reads their weights directly); "
+                        "leave lora_target unset for the hybrid's default targets")
 
 
 def _check_projector(c: TrainConfig, given: set[str], problems: list[str]) -> None:
@@ -220,6 +261,11 @@ def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> 
         if c.quantization != "none":
             problems.append(f"quantization {c.quantization!r} given but stage 'align' trains the projector in full "
                             "precision")
+    for key in ("gate_balance_weight", "gate_entropy_weight", "gate_entropy_steps"):
+        if getattr(c, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(c, key)}")
+    if not 0.0 <= c.gate_balance_target <= 1.0:
+        problems.append(f"gate_balance_target must be in [0, 1] (a gate's mean), got {c.gate_balance_target}")
     if c.merge and c.finetuning != "lora":
         problems.append("merge given but finetuning is 'full': merging folds a LoRA adapter into its base")
     if "epochs" in given and "max_steps" in given and c.max_steps > 0:

@@ -19,15 +19,17 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import get_last_checkpoint
 
 import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
+import models.hybrid  # noqa: F401  (registers the hsa_hybrid model type with the Auto classes)
 from models.composed import PROJECTOR, freeze_for_align, projector_parameters
 from models.vlm.processor import load_processor
 from workbench.align import AlignError, HSACollator, normalize_record
 
-from .config import LORA_EXCLUDE, TrainConfig
+from .config import DEFAULT_LORA_TARGETS, LORA_EXCLUDE, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR, MODEL_DIR, MERGED_DIR = "adapter", "model", "merged"
 RUN_INFO = "workbench_run.json"  # next to the adapter: what the Chat tab needs to load it
+GATE_STATS = models.hybrid.prune.STATS_FILE  # a hybrid run's per-layer gate statistics, one line per log
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -168,10 +170,64 @@ def load_model(config: TrainConfig):
     # A composed VLM's projector is new to the language model: it trains in full beside the LoRA adapter
     # (peft saves it with the adapter), as in LLaVA's fine-tuning stage.
     full = [PROJECTOR] if config.train_projector and projector_parameters(model) else None
+    targets = config.lora_target
+    if has_gates(model) and targets == DEFAULT_LORA_TARGETS:
+        targets = models.hybrid.default_lora_targets(model)  # adds the Mamba in_proj and the gate, by full name
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target, exclude_modules=LORA_EXCLUDE, modules_to_save=full,
+                      target_modules=targets, exclude_modules=LORA_EXCLUDE, modules_to_save=full,
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def has_gates(model) -> bool:
+    """Whether the model holds a Mamba+attention hybrid (fusion gates to watch and regularize)."""
+    try:
+        models.hybrid.hybrid_base(model)
+    except ValueError:
+        return False
+    return True
+
+
+class GateTrainer(Trainer):
+    """The Trainer, plus a hybrid's fusion gates: their regularizers join the loss, and per-layer gate
+    statistics of the training batches are written at every log to gate_stats.jsonl (what the Train
+    tab plots and `python -m models.hybrid plan` reads); the regularizers' values go to the metrics."""
+
+    def __init__(self, *args, train_config: TrainConfig, stats_path: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_config, self.stats_path = train_config, stats_path
+        self.monitor = models.hybrid.GateMonitor(self.model)
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        c = self.train_config
+        self.monitor.attention_mask, self.monitor.keep_values = inputs.get("attention_mask"), True
+        with self.monitor:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        gates, mask = self.monitor.values, inputs.get("attention_mask")
+        if gates:
+            balance = models.hybrid.load_balance_loss(gates, c.gate_balance_target, mask)
+            entropy = models.hybrid.gate_entropy(gates, mask)
+            entropy_on = c.gate_entropy_steps == 0 or self.state.global_step < c.gate_entropy_steps
+            loss = loss + c.gate_balance_weight * balance - (c.gate_entropy_weight * entropy if entropy_on else 0.0)
+            for name, value in (("gate_balance", balance), ("gate_entropy", entropy)):
+                self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+            self._count += 1
+        self.monitor.values = {}
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs and self._count:
+            logs.update({name: total / self._count for name, total in self._sums.items()})
+            if self.is_world_process_zero():
+                with open(self.stats_path, "a") as f:
+                    f.write(json.dumps({"step": self.state.global_step, "layers": self.monitor.stats()}) + "\n")
+            self.monitor.reset()
+            self._sums, self._count = {}, 0
+        super().log(logs, *args, **kwargs)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -181,7 +237,7 @@ class MetricsCallback(TrainerCallback):
     rate, grad norm, tokens/s and samples/s since the previous log, eval loss when evaluated."""
 
     FIELDS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss",
-              "train_loss": "train_loss"}
+              "train_loss": "train_loss", "gate_balance": "gate_balance", "gate_entropy": "gate_entropy"}
 
     def __init__(self, path: Path, samples_per_step: int):
         self.path = Path(path)
@@ -290,8 +346,10 @@ def train(config: TrainConfig) -> dict:
 
     args = training_arguments(config, has_eval=bool(eval_records))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    trainer = Trainer(
-        model=model, args=args,
+    gated = has_gates(model)
+    extra = dict(train_config=config, stats_path=out / GATE_STATS) if gated else {}
+    trainer = (GateTrainer if gated else Trainer)(
+        model=model, args=args, **extra,
         train_dataset=Records(train_records), eval_dataset=Records(eval_records) if eval_records else None,
         data_collator=Collator(processor, image_root=config.image_root or None, max_length=config.max_length,
                                hsa=config.hsa),
