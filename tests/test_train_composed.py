@@ -208,6 +208,33 @@ def test_a_hybrid_vlm_trains_with_gate_regularizers_and_logs_gate_statistics(man
     averaged, steps = read_gate_stats(run.output_dir / "gate_stats.jsonl")
     assert steps == [1, 2, 3] and len(make_plan(averaged, ["hybrid"] * 2)["layer_types"]) == 2
 
+    # the Train tab: the gates over steps, a plan from them, the pruned export, and chat with it
+    from workbench.ui import train as tab
+    from workbench.chat import finished_runs
+
+    heatmap, bars = tab.run_view(manager, run.id)[-1].data
+    assert list(heatmap.x) == [1, 2, 3] and len(heatmap.z) == 2 and len(bars.y) == 2
+    assert heatmap.z[0][-1] == pytest.approx(layers[0]["mean"])
+    text, plan_json = tab.plan_run(manager, run.id)
+    plan = json.loads(plan_json)
+    assert plan["layer_types_before"] == ["hybrid", "hybrid_sliding"] and "layer   0" in text
+    # force a real pruning, as a plan from trained gates would: layer 1 loses its attention
+    plan["layer_types"] = ["hybrid", "linear_attention"]
+    (run.output_dir / tab.PLAN_FILE).write_text(json.dumps(plan))
+    text, label = tab.export_pruned_run(manager, run.id)
+    assert label == f"run: run-{run.id:04d} · pruned", text
+    pruned = run.output_dir / "pruned"
+    assert json.loads((pruned / "config.json").read_text())["text_config"]["layer_types"] == plan["layer_types"]
+    assert (run.output_dir / "merged" / "config.json").is_file()  # the LoRA run was merged first
+    assert finished_runs(manager.runs_dir)[label] == (str(pruned), None)
+    from models.vlm import generate_reply, load_vlm
+
+    model, processor = load_vlm(pruned, device="cpu")
+    record = json.loads((shapes_data / "shapes.json").read_text())[0]
+    record["conversations"] = record["conversations"][:1]
+    assert isinstance(generate_reply(model, processor, record, image_root=shapes_data), str)
+    assert tab.plan_run(manager, None)[0] == "Select a hybrid run."
+
 
 def test_gate_keys_need_a_hybrid_and_mamba_out_proj_is_refused(tmp_path, composed, shapes_data):
     data = str(shapes_data / "shapes.json")

@@ -94,7 +94,7 @@ def test_runs_table_curves_log_and_chat_target(ctx):
     assert run.status == SUCCEEDED
     rows = tab.runs_rows(manager)
     assert rows[0][:6] == [run.id, "demo", "succeeded", 4, "0.5", "0.5"]
-    summary, figure, log, config = tab.run_view(manager, run.id)
+    summary, figure, log, config, gates = tab.run_view(manager, run.id)
     assert "succeeded" in summary and json.loads(config)["note"] == 1 and "attempt 1" in log
     loss, eval_loss, lr = figure.data
     assert list(loss.x) == [1, 2, 3, 4] and list(loss.y) == [2.0, 1.0, 2.0 / 3, 0.5]

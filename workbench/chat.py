@@ -179,7 +179,7 @@ class ModelPool:
 def finished_runs(runs_dir: Path) -> dict[str, tuple[str, str | None]]:
     """Runs that left something to chat with: label -> (model, adapter directory or None).
     A LoRA run's adapter goes on its base ("run: NAME"); a run that saved a whole model (full
-    fine-tuning, a composed VLM's align stage) is that model; a merged adapter is "run: NAME · merged"."""
+    fine-tuning, a composed VLM's align stage) is that model; a merged adapter is "run: NAME · merged", a hybrid's pruned export "run: NAME · pruned"."""
     found = {}
     runs_dir = Path(runs_dir)
     for config_file in sorted(runs_dir.glob("*/*/*config.json")):
@@ -193,8 +193,8 @@ def finished_runs(runs_dir: Path) -> dict[str, tuple[str, str | None]]:
                 found[f"run: {run}"] = (base, str(directory))
         elif config_file.name == "config.json" and directory.name == "model":
             found[f"run: {run}"] = (str(directory), None)
-        elif config_file.name == "config.json" and directory.name == "merged":
-            found[f"run: {run} · merged"] = (str(directory), None)
+        elif config_file.name == "config.json" and directory.name in ("merged", "pruned"):
+            found[f"run: {run} · {directory.name}"] = (str(directory), None)
     return dict(sorted(found.items()))
 
 

@@ -411,12 +411,17 @@ class RunManager:
     # ---- reading a run's output ------------------------------------------------------------
     def metrics(self, run_id: int) -> list[dict]:
         """All metrics records of a run so far; each call reads only what was appended since."""
-        run = self.get(run_id)
-        key = (run.id, str(run.metrics_path))
+        return self.records(run_id, METRICS_NAME)
+
+    def records(self, run_id: int, name: str) -> list[dict]:
+        """The records of a JSON-lines file in the run's folder (metrics.jsonl, a hybrid's
+        gate_stats.jsonl), read incrementally like the metrics."""
+        path = self.get(run_id).output_dir / name
+        key = (run_id, str(path))
         with self._lock:
             tail = self._metrics.get(key)
             if tail is None:
-                tail = self._metrics[key] = MetricsTail(run.metrics_path)
+                tail = self._metrics[key] = MetricsTail(path)
         return tail.all()
 
     def log_tail(self, run_id: int, max_lines: int = 200) -> str:

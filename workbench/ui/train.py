@@ -21,7 +21,7 @@ import gradio as gr
 from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
 from workbench.jobs.manager import CONFIG_NAME
 from workbench.train.config import SCHEDULERS, ConfigError, defaults, parse_config
-from workbench.train.run import ADAPTER_DIR, MODEL_DIR, merge_run_adapter
+from workbench.train.run import ADAPTER_DIR, GATE_STATS, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
 
 DEFAULTS = defaults()
@@ -249,12 +249,13 @@ def run_summary(manager: RunManager, run_id: int | None) -> str:
 
 
 def run_view(manager: RunManager, run_id: int | None, log_lines: int = 80):
-    """(summary markdown, curves figure, log tail, config JSON) of a run."""
+    """(summary markdown, curves figure, log tail, config JSON, gate figure) of a run."""
     if run_id is None:
-        return "Select a run.", curves_figure([]), "", ""
+        return "Select a run.", curves_figure([]), "", "", gate_figure([])
     run = manager.get(int(run_id))
     return (run_summary(manager, run.id), curves_figure(manager.metrics(run.id), f"run {run.id}"),
-            manager.log_tail(run.id, max_lines=log_lines), json.dumps(run.config, indent=2))
+            manager.log_tail(run.id, max_lines=log_lines), json.dumps(run.config, indent=2),
+            gate_figure(manager.records(run.id, GATE_STATS)))
 
 
 def cancel_run(manager: RunManager, run_id: int | None) -> str:
@@ -339,6 +340,105 @@ def merge_run(manager: RunManager, run_id: int | None) -> tuple[str, str]:
     return f"Run {run.id} merged into `{target}`: a plain checkpoint (no peft needed). In the Chat tab: **{label}**.", label
 
 
+# ---- a hybrid's gates: monitor, prune plan, pruned export -------------------------------------------
+
+def gate_figure(records: list[dict]):
+    """A hybrid run's fusion gates: mean g (the Mamba branch's weight) per layer over the logged steps
+    as a heatmap, and the latest step's per-layer means with their spread as bars."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38],
+                        subplot_titles=("gate mean per layer over steps (1 = Mamba only, 0 = attention only)",
+                                        "latest step"))
+    records = [r for r in records if r.get("layers")]
+    if records:
+        layers = len(records[-1]["layers"])
+        steps = [r["step"] for r in records]
+        mean = lambda r, i: r["layers"][i]["mean"] if i < len(r["layers"]) and r["layers"][i] else None  # noqa: E731
+        fig.add_trace(go.Heatmap(x=steps, y=list(range(layers)), z=[[mean(r, i) for r in records] for i in range(layers)],
+                                 zmin=0, zmax=1, colorscale="RdBu", colorbar=dict(title="g", x=0.6, len=0.9),
+                                 hovertemplate="step %{x}, layer %{y}: g %{z:.3f}<extra></extra>"), row=1, col=1)
+        last = records[-1]["layers"]
+        fig.add_trace(go.Bar(x=list(range(layers)), y=[s["mean"] if s else None for s in last],
+                             error_y=dict(array=[s["std"] if s else 0 for s in last]), name="mean g",
+                             customdata=[[s["low"], s["high"]] if s else [None, None] for s in last],
+                             hovertemplate="layer %{x}: g %{y:.3f}<br>below 0.1: %{customdata[0]:.0%}, above 0.9: "
+                                           "%{customdata[1]:.0%}<extra></extra>"), row=1, col=2)
+        fig.update_yaxes(title_text="layer", row=1, col=1, dtick=1)
+        fig.update_yaxes(range=[0, 1], row=1, col=2)
+        fig.update_xaxes(title_text="step", row=1, col=1)
+        fig.update_xaxes(title_text="layer", row=1, col=2, dtick=1)
+    else:
+        fig.add_annotation(text="no gate statistics: not a hybrid run, or nothing logged yet", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_layout(height=300, margin=dict(l=40, r=20, t=50, b=40), showlegend=False, uirevision="keep")
+    return fig
+
+
+PLAN_FILE, PRUNED_DIR = "prune_plan.json", "pruned"
+
+
+def _run_model_dir(manager: RunManager, run) -> Path:
+    """The run's trained model as a plain checkpoint: its whole model, its merged adapter (merging
+    first if needed)."""
+    if (run.output_dir / MODEL_DIR / "config.json").is_file():
+        return run.output_dir / MODEL_DIR
+    if not (run.output_dir / "merged" / "config.json").is_file():
+        merge_run_adapter(run.output_dir)
+    return run.output_dir / "merged"
+
+
+def plan_run(manager: RunManager, run_id: int | None) -> tuple[str, str]:
+    """A prune plan from a hybrid run's gate statistics (models.hybrid.make_plan), written to the
+    run's folder; (message, plan JSON)."""
+    from models.hybrid import make_plan, read_gate_stats
+    from models.hybrid.prune import describe_plan
+    from workbench.train.config import model_config
+
+    if run_id is None:
+        return "Select a hybrid run.", ""
+    run = manager.get(int(run_id))
+    stats_file = run.output_dir / GATE_STATS
+    if not stats_file.is_file():
+        return f"Run {run.id} has no gate statistics ({GATE_STATS}): only a hybrid run has fusion gates.", ""
+    found = model_config(str(run.config.get("base_model", ""))) or {}
+    text = found.get("text_config") or found
+    stats, steps = read_gate_stats(stats_file)
+    layer_types = text.get("layer_types") or ["hybrid"] * len(stats)
+    try:
+        plan = make_plan(stats, layer_types, sliding_window=text.get("sliding_window"), source=str(stats_file),
+                         steps=steps)
+    except ValueError as error:
+        return f"**No plan:** {error}", ""
+    (run.output_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    changed = sum(d["before"] != d["after"] for d in plan["layers"])
+    return (f"Plan for run {run.id} ({changed} of {len(plan['layers'])} layers change), from the last "
+            f"{len(steps)} logged steps:\n```\n{describe_plan(plan)}\n```"), json.dumps(plan, indent=2)
+
+
+def export_pruned_run(manager: RunManager, run_id: int | None) -> tuple[str, str]:
+    """The run's model pruned by its plan (models.hybrid.export) into run/pruned; (message, the Chat
+    tab's model choice for it)."""
+    from models.hybrid import export
+
+    if run_id is None:
+        return "Select a hybrid run.", ""
+    run = manager.get(int(run_id))
+    plan = run.output_dir / PLAN_FILE
+    if not plan.is_file():
+        return f"Run {run.id} has no prune plan yet: press Plan pruning first.", ""
+    if run.status not in FINISHED:
+        return f"Run {run.id} is {run.status}: export its pruned model when it has succeeded.", ""
+    try:
+        target = export(_run_model_dir(manager, run), plan, run.output_dir / PRUNED_DIR)
+    except (ValueError, OSError) as error:
+        return f"**Not exported:** {error}", ""
+    label = f"{chat_target(manager, run.id).label} · pruned"
+    size = sum(f.stat().st_size for f in target.glob("*.safetensors")) / 1e6
+    return f"Pruned model of run {run.id} in `{target}` ({size:.1f} MB of weights). In the Chat tab: **{label}**.", label
+
+
 # ---- the tab --------------------------------------------------------------------------------------
 
 @dataclass
@@ -415,6 +515,12 @@ def build(ctx: AppContext) -> TrainTab:
     action = gr.Markdown(elem_id="train-action")
     summary = gr.Markdown(elem_id="train-summary")
     plot = gr.Plot(curves_figure([]), label="Loss and learning rate", elem_id="train-curves")
+    with gr.Accordion("Hybrid: fusion gates, prune plan, pruned export", open=False, elem_id="train-gates-box"):
+        gates_plot = gr.Plot(gate_figure([]), label="Fusion gates", elem_id="train-gates")
+        with gr.Row():
+            plan_button = gr.Button("Plan pruning", elem_id="train-plan")
+            export_button = gr.Button("Export pruned model", elem_id="train-export")
+        plan_box = gr.Code(label="Prune plan", language="json", interactive=False, elem_id="train-plan-json")
     with gr.Row():
         log = gr.Textbox("", label="Log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log",
                          scale=3)
@@ -492,7 +598,7 @@ def build(ctx: AppContext) -> TrainTab:
     preview_button.click(on_preview, form, [command_box, config_box, message])
     start_button.click(on_start, [name, *form], [command_box, config_box, message, runs_table, selected, chat_model])
     runs_table.select(on_select_row, runs_table, selected)
-    view_outputs = [summary, plot, log, run_config]
+    view_outputs = [summary, plot, log, run_config, gates_plot]
     selected.change(lambda run_id: run_view(manager, run_id), selected, view_outputs)
     timer.tick(on_refresh, selected, [runs_table, selected, *view_outputs], show_progress="hidden")
     cancel_button.click(on_cancel, selected, action)
@@ -500,4 +606,14 @@ def build(ctx: AppContext) -> TrainTab:
     clone_button.click(on_clone, [selected, edits], [action, selected])
     chat_button.click(on_chat, selected, [action, chat_model])
     merge_button.click(on_merge, selected, [action, chat_model])
+
+    def on_plan(run_id):
+        return plan_run(manager, run_id)
+
+    def on_export(run_id, progress=gr.Progress()):
+        progress(0.1, desc="pruning and saving…")
+        return export_pruned_run(manager, run_id)
+
+    plan_button.click(on_plan, selected, [action, plan_box])
+    export_button.click(on_export, selected, [action, chat_model])
     return TrainTab(chat_button=chat_button, chat_model=chat_model, selected_run=selected)
