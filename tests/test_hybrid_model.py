@@ -96,7 +96,7 @@ def dense_reference(q, k, v, window, q_start, k_start, key_padding=None, q_roles
 
 
 @pytest.mark.parametrize("block", [None, 1, 3, 8])
-@pytest.mark.parametrize("case", ["prefill", "cache", "padding_roles"])
+@pytest.mark.parametrize("case", ["prefill", "cache", "padding_roles", "decode"])
 def test_sliding_window_attention_matches_a_dense_masked_softmax(block, case):
     gen = torch.Generator().manual_seed(3)
     window, q_len = 5, 13
@@ -104,6 +104,9 @@ def test_sliding_window_attention_matches_a_dense_masked_softmax(block, case):
     k_len, q_start, k_start = q_len, 0, 0
     if case == "cache":  # a sliding cache: the last window-1 keys of 40 past tokens plus the new ones
         k_len, q_start = window - 1 + q_len, 40
+        k_start = q_start - (window - 1)
+    if case == "decode":  # one query over a full sliding cache: the unmasked fast path
+        q, q_len, q_start, k_len = q[:, :, :1], 1, 40, window
         k_start = q_start - (window - 1)
     k = torch.randn(2, 2, k_len, 8, generator=gen)
     v = torch.randn(2, 2, k_len, 8, generator=gen)

@@ -32,8 +32,12 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     if (query_roles is None) != (key_roles is None):
         raise ValueError("give both query_roles and key_roles, or neither")
     q_len, k_len = query.shape[2], key.shape[2]
-    block = block_size or min(window, DEFAULT_BLOCK)
     gqa = query.shape[1] != key.shape[1]
+    if q_len == 1 and key_padding is None and query_roles is None and query_start - key_start < window:
+        # a decode step whose keys all lie in its window (a sliding cache keeps window - 1 past keys)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous()
+    block = block_size or min(window, DEFAULT_BLOCK)
     device = query.device
     outputs = []
     for qs in range(0, q_len, block):
