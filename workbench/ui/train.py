@@ -357,10 +357,12 @@ def gate_figure(records: list[dict]):
         steps = [r["step"] for r in records]
         mean = lambda r, i: r["layers"][i]["mean"] if i < len(r["layers"]) and r["layers"][i] else None  # noqa: E731
         fig.add_trace(go.Heatmap(x=steps, y=list(range(layers)), z=[[mean(r, i) for r in records] for i in range(layers)],
-                                 zmin=0, zmax=1, colorscale="RdBu", colorbar=dict(title="g", x=0.6, len=0.9),
+                                 zmin=0, zmax=1, colorscale="Viridis", colorbar=dict(title="g", x=1.02, len=0.9, thickness=12),
                                  hovertemplate="step %{x}, layer %{y}: g %{z:.3f}<extra></extra>"), row=1, col=1)
         last = records[-1]["layers"]
         fig.add_trace(go.Bar(x=list(range(layers)), y=[s["mean"] if s else None for s in last],
+                             marker=dict(color=[s["mean"] if s else 0 for s in last], colorscale="Viridis", cmin=0,
+                                         cmax=1),
                              error_y=dict(array=[s["std"] if s else 0 for s in last]), name="mean g",
                              customdata=[[s["low"], s["high"]] if s else [None, None] for s in last],
                              hovertemplate="layer %{x}: g %{y:.3f}<br>below 0.1: %{customdata[0]:.0%}, above 0.9: "
@@ -520,7 +522,8 @@ def build(ctx: AppContext) -> TrainTab:
         with gr.Row():
             plan_button = gr.Button("Plan pruning", elem_id="train-plan")
             export_button = gr.Button("Export pruned model", elem_id="train-export")
-        plan_box = gr.Code(label="Prune plan", language="json", interactive=False, elem_id="train-plan-json")
+        plan_box = gr.Code(label="Prune plan", language="json", interactive=False, max_lines=16,
+                           elem_id="train-plan-json")
     with gr.Row():
         log = gr.Textbox("", label="Log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log",
                          scale=3)
