@@ -102,12 +102,11 @@ def interleaved(models, measure, rounds):
     return {name: statistics.median(values) for name, values in results.items()}
 
 
-def row(label, values, unit, better="lower"):
+def row(label, values, unit):
+    """One table row; the ratios divide the pruned model's value by the others' (for seconds and
+    bytes below 1 is better, for tokens/s above 1)."""
     a, h, p = values["attention"], values["hybrid"], values["pruned"]
-    if better == "lower":
-        ratios = f"pruned/hybrid {p / h:.2f}x  pruned/attention {p / a:.2f}x"
-    else:
-        ratios = f"pruned/hybrid {p / h:.2f}x  pruned/attention {p / a:.2f}x"
+    ratios = f"pruned/hybrid {p / h:.2f}x, pruned/attention {p / a:.2f}x"
     print(f"| {label} | {a:{unit}} | {h:{unit}} | {p:{unit}} | {ratios} |", flush=True)
 
 
@@ -133,7 +132,7 @@ def main(argv=None):
         for batch in (1, 8):
             ids = prompt(batch, length, seed=1)
             row(f"decode after {length}, batch {batch} (tokens/s)",
-                interleaved(models, lambda m: decode_rate(m, ids, steps), rounds), ".1f", better="higher")
+                interleaved(models, lambda m: decode_rate(m, ids, steps), rounds), ".1f")
     sizes = {n: cache_bytes(m, prompt(1, long)) / 2 ** 20 for n, m in models.items()}
     row(f"cache after {long} tokens, batch 1 (MiB)", sizes, ".2f")
 
