@@ -213,6 +213,19 @@ def wait_for(predicate, timeout: float = 20.0, step: float = 0.05):
 
 # --- the real workbench in a real browser -------------------------------------------------------
 
+@pytest.fixture
+def manager(tmp_path):
+    """A run manager for training runs (one at a time, 5 s to stop); no process outlives the test."""
+    from workbench.jobs import RunManager, group_members
+
+    m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
+    yield m
+    m.close()
+    for run in m.list():
+        if run.pgid and group_members(run.pgid):
+            os.killpg(run.pgid, 9)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

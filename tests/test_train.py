@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import wait_for as conftest_wait_for
 
-from workbench.jobs import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, RunManager, group_members
+from workbench.jobs import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, group_members
 from workbench.train import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -46,17 +46,6 @@ def default_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shapes_json(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def manager(tmp_path):
-    m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
-    yield m
-    m.close()
-    for run in m.list():
-        if run.pgid and group_members(run.pgid):
-            import os
-            os.killpg(run.pgid, 9)
 
 
 wait_for = functools.partial(conftest_wait_for, timeout=120.0, step=0.1)  # training takes its time

@@ -12,7 +12,7 @@ import torch
 
 from conftest import save_tiny_composed, save_tiny_qwen2vl
 
-from workbench.jobs import SUCCEEDED, RunManager, group_members
+from workbench.jobs import SUCCEEDED
 from workbench.train import ConfigError, parse_config
 
 pytestmark = pytest.mark.slow
@@ -36,17 +36,6 @@ def shapes_data(tmp_path_factory) -> Path:
                 for record, sample in zip(records, samples)]
     (out / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
     return out
-
-
-@pytest.fixture
-def manager(tmp_path):
-    m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
-    yield m
-    m.close()
-    for run in m.list():
-        if run.pgid and group_members(run.pgid):
-            import os
-            os.killpg(run.pgid, 9)
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
 import models.hybrid  # noqa: F401  (registers the hsa_hybrid model type with the Auto classes)
