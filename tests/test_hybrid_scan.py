@@ -50,7 +50,7 @@ def test_chunk_scan_equals_the_library_scan(length, chunk, groups, initial, deca
 
 
 def mixer_pair(chunk=8, seed=1, **overrides):
-    """Our mixer and the same weights whose forward is the library's (use_fast_scan=False)."""
+    """Our mixer and the same weights whose forward is the library's (cpu_fast_path=False)."""
     config = tiny_config(mamba_chunk_size=chunk, **overrides)
     torch.manual_seed(seed)
     fast = HybridMixer(config, layer_idx=0).eval()
@@ -58,7 +58,7 @@ def mixer_pair(chunk=8, seed=1, **overrides):
         torch.nn.init.normal_(p, std=0.3)
     slow = HybridMixer(config, layer_idx=0).eval()
     slow.load_state_dict(fast.state_dict())
-    slow.use_fast_scan = False
+    slow.cpu_fast_path = False
     return fast, slow, config
 
 
@@ -84,7 +84,7 @@ def test_mixer_prefill_then_decode_equals_the_library(chunk, length, masked):
         mask[2, 1::3] = 0
     cache_a, cache_b = new_cache(config), new_cache(config)
     with torch.no_grad():
-        assert fast.use_fast_scan and not slow.use_fast_scan
+        assert fast.cpu_fast_path and not slow.cpu_fast_path
         torch.testing.assert_close(fast(x, attention_mask=mask), slow(x, attention_mask=mask), **TOL)
         torch.testing.assert_close(fast(x, cache_params=cache_a, attention_mask=mask),
                                    slow(x, cache_params=cache_b, attention_mask=mask), **TOL)
@@ -125,7 +125,7 @@ def test_gradients_equal_the_library():
 def set_fast(model, flag):
     for module in model.modules():
         if isinstance(module, HybridMixer):
-            module.use_fast_scan = flag
+            module.cpu_fast_path = flag
 
 
 @pytest.mark.parametrize("layer_types", [None, PRUNED], ids=["hybrid", "pruned"])

@@ -64,15 +64,14 @@ class HybridMixer(FalconH1Mixer):
         self.register_buffer("mup_vector", compute_mup_vector(config), persistent=False)
 
     def forward(self, hidden_states, cache_params: Cache | None = None, attention_mask=None, **kwargs):
-        if (cache_params is not None and hidden_states.shape[1] == 1 and not hidden_states.is_cuda
+        packed = any(v is not None for v in kwargs.values())  # seq_idx / cu_seqlens: the library refuses them
+        if hidden_states.device.type == "cpu" and self.cpu_fast_path and not packed:
+            one_cached_token = cache_params is not None and hidden_states.shape[1] == 1 \
                 and cache_params.get_conv_state(self.layer_idx) is not None
-                and not cache_params.is_recording_past(self.layer_idx)):
-            return self.decode_step(hidden_states, cache_params, attention_mask)
-        if (hidden_states.device.type == "cpu" and self.use_fast_scan
-                and not any(v is not None for v in kwargs.values())  # packed sequences (seq_idx, ...)
-                and not (cache_params is not None and hidden_states.shape[1] == 1
-                         and cache_params.get_recurrent_state(self.layer_idx) is not None)):
-            return self.prefill(hidden_states, cache_params, attention_mask)
+            if not one_cached_token:
+                return self.prefill(hidden_states, cache_params, attention_mask)
+            if not cache_params.is_recording_past(self.layer_idx):
+                return self.decode_step(hidden_states, cache_params, attention_mask)
         if self.training and cache_params is None and attention_mask is not None and hidden_states.is_cuda:
             # mamba-ssm's fused training kernel takes no mask: it would skip the zeroing of the conv
             # output at padding / NOISE tokens. The unfused kernels (also differentiable) do not.
@@ -83,7 +82,8 @@ class HybridMixer(FalconH1Mixer):
                 self.training = True
         return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
 
-    use_fast_scan = True  # False: the library's forward (the reference the tests hold prefill to)
+    # False: the library's forward on CPU too (the slow twin the tests and bench/hybrid.py compare with)
+    cpu_fast_path = True
 
     def prefill(self, hidden_states, cache_params: Cache | None = None, attention_mask=None):
         """FalconH1Mixer.forward's chunked branch (the library's path on CPU, for several tokens, with or
@@ -93,8 +93,7 @@ class HybridMixer(FalconH1Mixer):
         dtype = hidden_states.dtype
         recurrent_state = None if cache_params is None else cache_params.get_recurrent_state(self.layer_idx)
 
-        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask) * self.ssm_in_multiplier
-        projected = self.in_proj(hidden_states) * self.mup_vector
+        projected = self.project(apply_mask_to_padding_states(hidden_states, attention_mask))
         gate, xbc, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
         if cache_params is not None:  # the conv state, and the previous one's window on the left
@@ -122,6 +121,16 @@ class HybridMixer(FalconH1Mixer):
             scan = scan * F.silu(gate)
         return self.out_proj(scan.to(dtype))
 
+    def project(self, hidden_states):
+        """in_proj with FalconH1's multipliers, each skipped where it is 1 (the default: x * 1 is x,
+        and the multiplies were ~5% of a CPU prefill and of a decode step)."""
+        if self.ssm_in_multiplier != 1:
+            hidden_states = hidden_states * self.ssm_in_multiplier
+        projected = self.in_proj(hidden_states)
+        if not bool((self.mup_vector == 1).all()):
+            projected = projected * self.mup_vector
+        return projected
+
     def causal_conv(self, xbc: torch.Tensor, last: int) -> torch.Tensor:
         """The depthwise causal conv1d over xbc [B, T, C] (zeros before the first position), its last
         `last` outputs, as kernel-size shifted multiply-adds in the [B, T, C] layout: the library's
@@ -143,15 +152,16 @@ class HybridMixer(FalconH1Mixer):
 
     def decode_step(self, hidden_states, cache_params: Cache, attention_mask=None):
         """FalconH1Mixer.forward's recurrent branch for one token, with the cached causal conv as a
-        multiply-and-sum over the kernel window: the library's F.conv1d call on a [B, C, 5] input
-        took about 10% of a CPU decode step. Same numbers (tests/test_hybrid_model.py checks)."""
+        multiply-and-sum over the kernel window (the library's F.conv1d call on a [B, C, 5] input took
+        about 10% of a CPU decode step) and the state update done per head and in place (the library's
+        expands dt and A to [B, H, P, N] and makes five such tensors; ~25% of a batch-8 step of the pruned
+        model). Same numbers (tests/test_hybrid_model.py and tests/test_hybrid_scan.py check)."""
         batch = hidden_states.shape[0]
         dtype = hidden_states.dtype
         conv_state = cache_params.get_conv_state(self.layer_idx)
         recurrent_state = cache_params.get_recurrent_state(self.layer_idx)
 
-        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask) * self.ssm_in_multiplier
-        projected = self.in_proj(hidden_states) * self.mup_vector
+        projected = self.project(apply_mask_to_padding_states(hidden_states, attention_mask))
         gate, xbc, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
         window = torch.cat([conv_state[:, :, 1:], xbc.transpose(1, 2).to(conv_state.dtype)], dim=-1)
@@ -164,19 +174,19 @@ class HybridMixer(FalconH1Mixer):
         x, B, C = torch.split(xbc, [self.intermediate_size, self.groups_time_state_size,
                                     self.groups_time_state_size], dim=-1)
 
-        A = -torch.exp(self.A_log.float())
-        out = falcon.mamba2_selective_state_update(
-            recurrent_state,
-            x.view(batch, self.num_heads, self.head_dim),
-            dt.transpose(1, 2).expand(-1, -1, self.head_dim),
-            A[:, None, None].expand(-1, self.head_dim, self.ssm_state_size).to(torch.float32),
-            B.view(batch, self.n_groups, -1),
-            C.view(batch, self.n_groups, -1),
-            self.D[:, None].expand(-1, self.head_dim),
-            z=gate.view(batch, self.num_heads, self.head_dim) if not self.mamba_rms_norm else None,
-            dt_bias=self.dt_bias[:, None].expand(-1, self.head_dim),
-            dt_softplus=True,
-        ).view(batch, 1, self.num_heads * self.head_dim)
+        # mamba2_selective_state_update (the library's torch path) with dt, dA and dt B per head rather
+        # than per [head, head_dim, state] element, and the state updated in place
+        heads, per_group = self.num_heads, self.num_heads // self.n_groups
+        dt = F.softplus(dt[:, 0] + self.dt_bias.to(dt.dtype)).float()                   # [b, H]
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))
+        x = x.reshape(batch, heads, self.head_dim)
+        B = B.reshape(batch, self.n_groups, 1, -1).expand(-1, -1, per_group, -1).reshape(batch, heads, 1, -1)
+        C = C.reshape(batch, self.n_groups, 1, -1).expand(-1, -1, per_group, -1).reshape(batch, heads, -1, 1)
+        recurrent_state.mul_(decay[..., None, None]).addcmul_(x[..., None], dt[..., None, None] * B)
+        out = (recurrent_state @ C.to(recurrent_state.dtype))[..., 0].to(C.dtype) + x * self.D[:, None]
+        if not self.mamba_rms_norm:
+            out = out * F.silu(gate.view(batch, heads, self.head_dim))
+        out = out.to(dtype).view(batch, 1, heads * self.head_dim)
         if self.mamba_rms_norm:
             out = self.norm(out, gate)
         return self.out_proj(out.to(dtype))

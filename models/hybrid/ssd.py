@@ -26,7 +26,8 @@ def _decay(log_decay: torch.Tensor) -> torch.Tensor:
     """exp(log_decay), 0 below e^FLOOR (~1e-26). exp's results in (1e-45, 1e-38) are denormals,
     which x86 CPUs compute some 50x slower, in exp and in every matmul they enter; a decay below
     1e-26 changes no fp32 output of the scan (each is a sum with terms of order 1)."""
-    return torch.where(log_decay > FLOOR, torch.exp(log_decay.clamp(min=FLOOR, max=-FLOOR)), 0.0)
+    keep = log_decay > FLOOR
+    return torch.where(keep, log_decay.clamp(min=FLOOR, max=-FLOOR).exp_(), 0.0)
 
 
 def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -77,7 +78,7 @@ def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B
     y_diag = torch.bmm(scores.view(-1, Q, Q), x_h).view(batch, heads, chunks, Q, head_dim)
 
     # 2. each chunk's own end state, as [n, r p] per group: sum_l B[l]^T decay-to-end[l] X[l]
-    xd = (xdt * _decay(cum[:, :, -1:] - cum)[..., None]).view(batch, chunks, Q, groups, per_group * head_dim)
+    xd = xdt.mul_(_decay(cum[:, :, -1:] - cum)[..., None]).view(batch, chunks, Q, groups, per_group * head_dim)
     chunk_states = Bg.transpose(-1, -2) @ xd.transpose(2, 3)                        # [b, c, g, n, r p]
 
     # 3. the states at the chunk starts: s_0 = initial, s_{k+1} = exp(sum of a over chunk k) s_k + chunk state k
@@ -101,7 +102,7 @@ def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B
     if pad:
         y = y[:, :length]
     if D is not None:
-        y = torch.addcmul(y, x, D.float()[:, None])
+        y = y.addcmul_(x, D.float()[:, None])
     if return_final_states:
         return y, final_state
     return y
