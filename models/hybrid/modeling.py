@@ -10,7 +10,8 @@ What differs, and why it is overridden:
 - attention may be sliding-window (computed block by block), and semantic_ids always mean HSA;
 - the Mamba branch's input is zeroed at NOISE tokens (as FalconH1 zeroes padding), so a NOISE token
   writes nothing into the state that later GLOBAL/LANDMARK tokens read;
-- the mixer's single-token decode step replaces a conv1d call with a multiply-and-sum on CPU.
+- on CPU, the mixer's prefill (a leaner chunked scan, ssd.py, and conv) and single-token decode step
+  (conv as a multiply-and-sum, per-head state update) are its own, held to the library's by tests.
 
 No shared time/position signal (FusionTree's SRTE) is fed to the SSM branch: Mamba-2's input-
 dependent decay already orders tokens, the attention branch has RoPE, and an extra additive signal
@@ -87,8 +88,9 @@ class HybridMixer(FalconH1Mixer):
 
     def prefill(self, hidden_states, cache_params: Cache | None = None, attention_mask=None):
         """FalconH1Mixer.forward's chunked branch (the library's path on CPU, for several tokens, with or
-        without a cache and a previous state) with its scan replaced by ssd.chunk_scan: same arguments,
-        same outputs and cached states (tests/test_hybrid_scan.py), 3-4x faster on CPU at 1k-4k tokens."""
+        without a cache and a previous state) with ssd.chunk_scan for the library's scan and causal_conv
+        for its conv1d: same outputs and cached states (tests/test_hybrid_scan.py); the mixer is 2.2-2.6x
+        faster on CPU at 256-4k tokens (bench/RESULTS.md)."""
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
         recurrent_state = None if cache_params is None else cache_params.get_recurrent_state(self.layer_idx)

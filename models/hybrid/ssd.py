@@ -5,13 +5,17 @@ matmuls instead of einsums over permuted copies:
 - B and C are shared by the heads of a group: C B^T is computed once per group and chunk (the library
   repeats B and C to every head first), and the chunk states (X^T B) and the state-to-output term
   (C S^T) are one [Q, N] x [N, heads x head_dim] matmul per chunk, in the input's own layout;
-- the in-chunk decay exp(cumsum[l] - cumsum[s]) (l >= s) is built directly from the cumulative sums
-  (as mamba-ssm's kernels do) instead of segsum's masked cumsum over an expanded [.., Q, Q] tensor;
+- the in-chunk decay exp(cumsum[l] - cumsum[s]) (l >= s) is built from float64 cumulative sums (as
+  exact as the library's segsum, a masked cumsum over an expanded [.., Q, Q] tensor; an fp32
+  difference, as in mamba-ssm's kernels, would lose digits when the sums are large);
+- decays below e^-60 are set to 0 (see _decay: exp's underflow is some 30-50x slower on x86 CPUs,
+  and was a large part of the library's time);
 - the states at the chunk boundaries come from a loop over chunks (state = decay * state + chunk's
   state, linear in the length) instead of a [chunks+1, chunks+1] decay matrix and an einsum.
 
-fp32 throughout, like the library. Differentiable (no in-place op on a tensor autograd keeps), though
-the point is inference. tests/test_hybrid_scan.py holds it to the library's function and mixer.
+fp32 throughout, like the library. Differentiable (the in-place steps act on fresh tensors whose values
+autograd does not keep; tested), though the point is inference. tests/test_hybrid_scan.py holds it to
+the library's function and mixer. Measured in bench/RESULTS.md (hybrid section).
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ FLOOR = -60.0
 
 
 def _decay(log_decay: torch.Tensor) -> torch.Tensor:
-    """exp(log_decay), 0 below e^FLOOR (~1e-26). exp's results in (1e-45, 1e-38) are denormals,
-    which x86 CPUs compute some 50x slower, in exp and in every matmul they enter; a decay below
-    1e-26 changes no fp32 output of the scan (each is a sum with terms of order 1)."""
+    """exp(log_decay), exactly 0 below e^FLOOR (~1e-26). exp of an argument below ~-87 (a denormal or
+    an underflow) runs some 30-50x slower on x86 CPUs, and denormals slow every matmul they enter;
+    a term decayed below 1e-26 weighs that little against the same term undecayed (a token's own term
+    has decay 1), far below fp32's 6e-8. Clamped above too, so the masked upper triangle stays finite."""
     keep = log_decay > FLOOR
     return torch.where(keep, log_decay.clamp(min=FLOOR, max=-FLOOR).exp_(), 0.0)
 
