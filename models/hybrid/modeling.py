@@ -120,7 +120,7 @@ class HybridMixer(FalconH1Mixer):
         if self.mamba_rms_norm:
             scan = self.norm(scan, gate)
         else:
-            scan = scan * F.silu(gate)
+            scan = F.silu(gate).mul_(scan)
         return self.out_proj(scan.to(dtype))
 
     def project(self, hidden_states):
@@ -142,9 +142,10 @@ class HybridMixer(FalconH1Mixer):
         kernel, length = weight.shape[1], xbc.shape[1]
         xbc = xbc[:, length - last - kernel + 1:] if length - last - kernel + 1 > 0 else xbc
         length = xbc.shape[1]
-        out = xbc[:, length - last:] * weight[:, -1]
         if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias
+            out = torch.addcmul(self.conv1d.bias, xbc[:, length - last:], weight[:, -1])
+        else:
+            out = xbc[:, length - last:] * weight[:, -1]
         for shift in range(1, kernel):  # weight[:, K-1-shift] reads the input `shift` positions back
             first = max(shift - (length - last), 0)  # outputs whose input there lies before the start
             if first < last:
