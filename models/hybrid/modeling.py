@@ -89,7 +89,7 @@ class HybridMixer(FalconH1Mixer):
     def prefill(self, hidden_states, cache_params: Cache | None = None, attention_mask=None):
         """FalconH1Mixer.forward's chunked branch (the library's path on CPU, for several tokens, with or
         without a cache and a previous state) with ssd.chunk_scan for the library's scan and causal_conv
-        for its conv1d: same outputs and cached states (tests/test_hybrid_scan.py); the mixer is 2.2-2.6x
+        for its conv1d: same outputs and cached states (tests/test_hybrid_scan.py); the mixer is 2.3-2.9x
         faster on CPU at 256-4k tokens (bench/RESULTS.md)."""
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
