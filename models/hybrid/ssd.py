@@ -19,6 +19,8 @@ the library's function and mixer. Measured in bench/RESULTS.md (hybrid section).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,11 @@ def _decay(log_decay: torch.Tensor) -> torch.Tensor:
     has decay 1), far below fp32's 6e-8. Clamped above too, so the masked upper triangle stays finite."""
     keep = log_decay > FLOOR
     return torch.where(keep, log_decay.clamp(min=FLOOR, max=-FLOOR).exp_(), 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _above_diagonal(size: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
 
 
 def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -75,8 +82,8 @@ def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B
     # the decay from s to l, sum(a[s+1..l]), as a difference of float64 cumulative sums: as exact as the
     # library's segsum (a masked cumsum over an expanded [.., l, s] tensor), at a fraction of its cost
     cum_h = torch.cumsum(a.view(batch, chunks, Q, heads).permute(0, 3, 1, 2).double(), dim=-1)  # [b, H, c, l]
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    scores = (Cg @ Bg.transpose(-1, -2)).masked_fill(~causal, 0).transpose(1, 2).contiguous()  # [b, g, c, l, s]
+    scores = (Cg @ Bg.transpose(-1, -2)).masked_fill(_above_diagonal(Q, x.device), 0)           # [b, c, g, l, s]
+    scores = scores.transpose(1, 2).contiguous()                                                 # [b, g, c, l, s]
     decay = _decay((cum_h[..., :, None] - cum_h[..., None, :]).float())             # [b, H, c, l, s]
     scores = decay.view(batch, groups, per_group, chunks, Q, Q) * scores[:, :, None]
     x_h = xdt.permute(0, 3, 1, 2, 4).reshape(-1, Q, head_dim)                       # [b H c, l, p]
@@ -87,7 +94,8 @@ def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B
     chunk_states = Bg.transpose(-1, -2) @ xd.transpose(2, 3)                        # [b, c, g, n, r p]
 
     # 3. the states at the chunk starts: s_0 = initial, s_{k+1} = exp(sum of a over chunk k) s_k + chunk state k
-    chunk_decay = _decay(cum[:, :, -1]).view(batch, chunks, groups, 1, per_group, 1)
+    decay_from_start = _decay(cum)                                                  # [b, c, l, H]
+    chunk_decay = decay_from_start[:, :, -1].reshape(batch, chunks, groups, 1, per_group, 1)
     chunk_states = chunk_states.view(batch, chunks, groups, state, per_group, head_dim)
     if initial_states is None:
         start = torch.zeros_like(chunk_states[:, 0])
@@ -102,7 +110,7 @@ def chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B
 
     # 4. the start state's contribution, exp(cum[l]) C[l] s, one [l, n] x [n, r p] matmul per chunk and group
     y_off = (Cg @ starts).transpose(2, 3).reshape(batch, chunks, Q, heads, head_dim)
-    y = torch.addcmul(y_diag.permute(0, 2, 3, 1, 4), y_off, _decay(cum)[..., None])
+    y = torch.addcmul(y_diag.permute(0, 2, 3, 1, 4), y_off, decay_from_start[..., None])
     y = y.view(batch, chunks * Q, heads, head_dim)
     if pad:
         y = y[:, :length]
