@@ -148,7 +148,7 @@ def test_model_logits_and_generation_equal_the_library_path(layer_types):
         keep = mask.bool()
         torch.testing.assert_close(fast[keep], slow[keep], **TOL)
         torch.testing.assert_close(fast_plain[keep], slow_plain[keep], **TOL)
-        kwargs = dict(input_ids=ids, attention_mask=mask, semantic_ids=roles, max_new_tokens=6, do_sample=False,
+        kwargs = dict(input_ids=ids, attention_mask=mask, semantic_ids=roles, max_new_tokens=4, do_sample=False,
                       pad_token_id=0, output_scores=True, return_dict_in_generate=True)
         b = generate(model, **kwargs)
         set_fast(model, True)
