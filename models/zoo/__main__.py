@@ -1,4 +1,4 @@
-"""`python -m models.zoo build | eval | experiment | export`: the embedded default VLM's commands."""
+"""`python -m models.zoo build | build-composed | eval | experiment | export`: the embedded models' commands."""
 from __future__ import annotations
 
 import argparse
@@ -28,10 +28,26 @@ def main(argv=None) -> int:
                          help="torch CPU threads (default: torch's). Another count changes the float sums and "
                               "with them the model; the committed one was built with the default, 2 threads here")
 
+    p_comp = sub.add_parser("build-composed",
+                            help="the composed default VLM from nothing: tiny CLIP + tiny Qwen3, align, SFT (CPU)")
+    p_comp.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: models/zoo/default_composed)")
+    p_comp.add_argument("--seed", type=int, default=0)
+    p_comp.add_argument("--threads", type=positive_int, default=2,
+                        help="torch CPU threads (default 2, what the committed model was built with)")
+    p_comp.add_argument("--vision-steps", type=positive_int, default=None, help="vision tower pretraining steps")
+    p_comp.add_argument("--lm-steps", type=positive_int, default=None, help="language model pretraining steps")
+    p_comp.add_argument("--align-steps", type=positive_int, default=None, help="align stage steps (projector only)")
+    p_comp.add_argument("--sft-steps", type=positive_int, default=None, help="SFT stage steps (LoRA + projector)")
+    p_comp.add_argument("--parts", type=Path, default=None,
+                        help="keep the pretrained vision tower and language model here (vision/, lm/)")
+
     p_eval = sub.add_parser("eval", help="accuracy on fresh held-out shapes conversations (greedy decoding)")
     p_eval.add_argument("--n", type=int, default=100, help="number of conversations")
     p_eval.add_argument("--seed", type=int, default=0)
-    p_eval.add_argument("--model", default=None, help="model directory or hub id (default: the embedded one)")
+    p_eval.add_argument("--model", default=None,
+                        help="'default' (the embedded Qwen2-VL), 'composed' (the embedded composed VLM), "
+                             "or a model directory or hub id (default: 'default')")
     p_eval.add_argument("--noise", choices=["clean", "train", "heavy"], default="clean",
                         help="NOISE turns in the conversations: none, as in training, or heavier with unseen kinds")
     p_eval.add_argument("--attn", default=None, help="attention implementation (default: hsa if the model was trained with it)")
@@ -59,6 +75,19 @@ def main(argv=None) -> int:
 
         build(args.out or DEFAULT_DIR, steps=args.steps or CLEAN_STEPS, noisy_steps=args.noisy_steps, batch_size=args.batch_size,
               seed=args.seed, hsa=not args.no_hsa, threads=args.threads)
+        return 0
+    if args.command == "build-composed":
+        import os
+
+        # Before torch loads: two OpenMP threads that spin while waiting stalled 4x whenever another
+        # process took one of the two cores; passive waiting keeps a step's time steady.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from . import DEFAULT_COMPOSED_DIR
+        from .composed import build_composed
+
+        build_composed(args.out or DEFAULT_COMPOSED_DIR, seed=args.seed, threads=args.threads,
+                       vision_steps=args.vision_steps, lm_steps=args.lm_steps, align_steps=args.align_steps,
+                       sft_steps=args.sft_steps, parts_dir=args.parts)
         return 0
     if args.command == "eval":
         from .evaluate import NOISE_PRESETS, evaluate_model, print_report

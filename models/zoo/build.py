@@ -213,15 +213,22 @@ class ShapeLookup:
     def attention_to_named(attention, hidden: torch.Tensor, position_embeddings, image_positions: torch.Tensor,
                            queries: torch.Tensor) -> torch.Tensor:
         """(queries, heads): the attention each head of one layer gives the named image token, the softmax
-        taken over the image's tokens only; `hidden` is the input of that layer's attention module."""
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+        taken over the image's tokens only; `hidden` is the input of that layer's attention module.
+        Queries and keys go the attention module's own way: its projections, the per-head norms of
+        models that have them (Qwen3's q_norm / k_norm, before the rotation), and its module's
+        `apply_rotary_pos_emb` on the cos/sin the model computed (Qwen2-VL's M-RoPE sections are
+        already in them; Qwen3's are 1-D)."""
+        import sys
 
+        apply_rotary_pos_emb = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        identity = lambda x: x
+        q_norm, k_norm = getattr(attention, "q_norm", identity), getattr(attention, "k_norm", identity)
         b, q, target = queries.unbind(1)
         keys_at = image_positions[b]  # (M, 4)
-        cos, sin = position_embeddings
+        cos, sin = (t.expand(len(hidden), -1, -1) for t in position_embeddings)  # 1-D RoPE shares one row
         heads, kv_heads, dim = attention.config.num_attention_heads, attention.config.num_key_value_heads, attention.head_dim
-        query = attention.q_proj(hidden[b, q]).view(len(b), heads, 1, dim)
-        key = attention.k_proj(hidden[b[:, None], keys_at]).view(len(b), -1, kv_heads, dim).transpose(1, 2)
+        query = q_norm(attention.q_proj(hidden[b, q]).view(len(b), heads, dim)).unsqueeze(2)
+        key = k_norm(attention.k_proj(hidden[b[:, None], keys_at]).view(len(b), -1, kv_heads, dim)).transpose(1, 2)
         query, _ = apply_rotary_pos_emb(query, query, cos[b, q][:, None], sin[b, q][:, None])
         _, key = apply_rotary_pos_emb(key, key, cos[b[:, None], keys_at], sin[b[:, None], keys_at])
         key = key.repeat_interleave(heads // kv_heads, dim=1)  # grouped-query attention
@@ -229,14 +236,23 @@ class ShapeLookup:
         return weights.gather(2, target[:, None, None].expand(-1, heads, 1)).squeeze(2)
 
     @staticmethod
-    def loss(model, layer_inputs: dict, input_ids: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def loss(model, layer_inputs: dict, input_ids: torch.Tensor, queries: torch.Tensor, *,
+             image_token_id: int | None = None) -> torch.Tensor:
         """-log of the attention on the named image tokens, averaged over every head of the layers in
-        `layer_inputs` (what `attention_inputs` caught): a mixture, so one head that finds the shape is enough."""
-        layers = model.model.language_model.layers
-        image_positions = ShapeLookup.image_positions(input_ids, model.config.image_token_id)
+        `layer_inputs` (what `attention_inputs` caught): a mixture, so one head that finds the shape is enough.
+        `image_token_id` defaults to the model config's (a language model alone has none)."""
+        layers = language_layers(model)
+        image_token_id = model.config.image_token_id if image_token_id is None else image_token_id
+        image_positions = ShapeLookup.image_positions(input_ids, image_token_id)
         found = torch.cat([ShapeLookup.attention_to_named(layers[index].self_attn, *inputs, image_positions, queries)
                            for index, inputs in layer_inputs.items()], 1)
         return -torch.log(found.mean(1) + 1e-6).mean()
+
+
+def language_layers(model):
+    """The decoder layers of a VLM's language model (`model.model.language_model`), or of a causal LM."""
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
 
 
 @contextmanager
@@ -244,7 +260,7 @@ def attention_inputs(model, layers):
     """{layer index: (hidden_states, position_embeddings)}: what the attention module of each of the
     given language-model layers received in the last forward pass inside the block."""
     seen = {}
-    modules = model.model.language_model.layers
+    modules = language_layers(model)
     hooks = [modules[index].self_attn.register_forward_pre_hook(
         lambda module, args, kwargs, index=index: seen.__setitem__(
             index, (kwargs["hidden_states"], kwargs["position_embeddings"])), with_kwargs=True)

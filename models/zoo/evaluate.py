@@ -85,15 +85,16 @@ def held_out(n: int, seed: int, noise: shapes.NoiseSpec = shapes.CLEAN) -> list[
 def evaluate_model(model_path: str | Path | None = None, *, n: int = 100, seed: int = 0,
                    noise: shapes.NoiseSpec = shapes.CLEAN, attn_implementation: str | None = None,
                    progress: bool = False) -> EvalResult:
-    """Load a model (default: the embedded one) and evaluate it on `n` held-out conversations.
+    """Load a model (default: the embedded Qwen2-VL; "default" and "composed" name the embedded ones)
+    and evaluate it on `n` held-out conversations.
     The attention defaults to HSA for a model trained with it, plain SDPA otherwise."""
     import json
 
     from models.vlm import load_vlm
 
-    from .build import DEFAULT_DIR
+    from . import DEFAULT_VLM_DIR, embedded_model
 
-    path = Path(model_path) if model_path is not None else DEFAULT_DIR
+    path = Path(embedded_model(model_path)) if model_path is not None else DEFAULT_VLM_DIR
     if attn_implementation is None:
         config_file = path / "config.json"
         trained_with_hsa = json.loads(config_file.read_text()).get("hsa_trained", True) if config_file.exists() else True
