@@ -22,7 +22,10 @@ The parts, and why they are made this way:
   format and, above all, the look-up the questions need ("the circle" -> the cell token that holds
   " circle" -> its colour or cell words), on exactly the four positions where the picture will
   later arrive. The look-up loss of the default build (`build.ShapeLookup`, generalised to Qwen3's
-  normed queries and keys) supervises that look-up here, where it is cheap to learn.
+  normed queries and keys) supervises that look-up here, where it is cheap to learn. The embeddings
+  are tied, so a word copied out of a picture cell is already the answer's output direction, and a
+  training-only loss (`words_apart`) keeps the words of each group (colours, kinds, rows, columns)
+  apart: without it the colours drifted together and colour could not be read (README).
 - **Align** (`align_stage`): vision tower and LM frozen, only the projector trains, on images with
   their `shapes.describe_answer` captions ("A red circle at the top left and ..."). The LM already
   reads "words in the picture slots", so the projector's job is to turn each cell's features into
