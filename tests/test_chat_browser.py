@@ -61,3 +61,26 @@ def test_chat_is_scriptable_with_gradio_client(workbench_url, scene_png):
 
     tokenizer = load_processor(str(DEFAULT_VLM)).tokenizer
     assert 1 <= len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 2
+
+
+@pytest.mark.parametrize("name", ["composed", "hybrid", "hybrid-pruned"])
+def test_each_embedded_model_answers_held_out_questions_through_chat(workbench_url, tmp_path, name):
+    """Held-out shapes scenes through `/chat` (upload, queue, streaming): the composed VLM and the
+    hybrid, unpruned and pruned, as the Chat tab offers them."""
+    from gradio_client import Client, handle_file
+
+    from models.zoo import EMBEDDED
+    from models.zoo.evaluate import held_out
+
+    if not (EMBEDDED[name] / "config.json").is_file():
+        pytest.skip(f"the embedded {name} model is not built")
+    client = Client(workbench_url, verbose=False)
+    asked = right = 0
+    for k, sample in enumerate(held_out(6, seed=7)):
+        turns = sample.record["conversations"]
+        path = tmp_path / f"scene{k}.png"
+        sample.record["images"][0].save(path)
+        question, answer = turns[0]["value"].replace("<image>", ""), turns[1]["value"]
+        reply = client.predict({"text": question, "files": [handle_file(str(path))]}, [], name, {}, api_name="/chat")
+        asked, right = asked + 1, right + (reply.strip() == answer)
+    assert right >= asked - 1, f"{name}: {right} of {asked} right"
