@@ -170,7 +170,8 @@ def build(ctx: AppContext, cache: ModelCache | None = None) -> None:
             text = gr.Code(EXAMPLE, language="json", label="Conversation (ShareGPT JSON or marked text)", lines=14,
                            elem_id="attn-input")
             with gr.Row():
-                model = gr.Textbox("default", label="Model (default, composed, a path or a hub id)", scale=3, elem_id="attn-model")
+                model = gr.Dropdown(ctx.embedded_names(), value="default", allow_custom_value=True, scale=3,
+                                    label="Model (an embedded one, a path or a hub id)", elem_id="attn-model")
                 max_length = gr.Number(0, label="Max tokens (0: none)", precision=0, minimum=0, scale=1)
             with gr.Accordion("Images named in the JSON", open=False):
                 uploads = gr.File(label="Images (matched by file name)", file_count="multiple", file_types=["image"])
