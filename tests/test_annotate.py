@@ -237,3 +237,22 @@ def test_a_long_conversation_renders_every_token(store, bpe_tokenizer):
     view = annotator.view(store.conversation(cid), "tok")[0]
     assert len(view) > 2000
     assert shown["html"].count('class="tok ') == sum(1 for s in view.char_spans if s is not None)
+
+
+def test_model_suggestions_work_on_a_conversation_with_an_image(store, tmp_path):
+    """Issue 20.1: the default model's processor gives per-token `mm_token_type_ids`; they reach the
+    model with their batch dimension."""
+    from conftest import tiny_qwen2vl
+    from models.zoo.processor import build_processor
+
+    processor = build_processor()
+    model = tiny_qwen2vl(processor, attn_implementation="eager")
+    shapes_png(tmp_path / "red.png")
+    [cid] = add(store, rec("<image>What color is the circle and how many shapes are there?") | {"images": [
+        str(tmp_path / "red.png")]})
+    conv = store.conversation(cid)
+    labels = model_suggestions(model, processor, conv.as_conversation(), fraction=0.3)
+    assert len(labels) == 2 and labels[0][1] and all(s.role == NOISE for s in labels[0][1])
+    annotator = Annotator(store, lambda name: processor, lambda name: (model, processor))
+    page, payload, message = annotator.suggest(cid, "tok", "model")
+    assert "Suggestion preview" in page and "🖼 image" in page

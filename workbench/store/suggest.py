@@ -55,11 +55,13 @@ def token_usefulness(model, processor, conv):
     model should run with eager attention."""
     import torch
 
-    from workbench.align import align_record
+    from workbench.align import align_record, pad_batch, pad_token_id
 
     aligned = align_record(conv, processor)
-    inputs = {"input_ids": aligned.input_ids[None], "attention_mask": aligned.attention_mask[None],
-              **aligned.model_inputs}
+    # a batch of one, made like training's: per-token extras (mm_token_type_ids) get their batch
+    # dimension, per-image ones (pixel_values, image_grid_thw) stay as they are
+    batch = pad_batch([aligned], pad_token_id=pad_token_id(processor))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "semantic_ids")}
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
     with torch.no_grad():
