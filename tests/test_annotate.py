@@ -192,7 +192,7 @@ def test_model_suggestions_mark_least_attended_user_words_as_noise(store, bpe_to
 
 
 def test_navigation_filter_search_and_progress(store):
-    ids = add(store, *[rec(f"Question {i} 🙂" if i % 2 else f"Plain {i}") for i in range(5)])
+    ids = add(store, *[rec(f"Question {i} 🙂" if i % 2 else f"Plain {i}") | {"labelled": False} for i in range(5)])
     annotator = Annotator(store)
     assert annotator.navigate("d", "all", "", -1) == (ids[0], "1 / 5")
     assert annotator.navigate("d", "all", "", ids[0], step=1) == (ids[1], "2 / 5")

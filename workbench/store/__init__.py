@@ -2,7 +2,7 @@
 in SQLite (WAL, one transaction per edit, optimistic versions, revision history for undo/redo),
 and their import/export (ShareGPT, LLaMA-Factory, per-token semantic ids).
 
-    store = Store("annotations/workbench.db")
+    store = Store("workspace/workbench.db")
     report = import_file(store, "data.jsonl", dataset="shapes")
     conv = store.conversation(report.conversation_ids[0])
     conv = store.set_span(conv.id, turn=1, start=0, end=5, role="noise", expected_version=conv.version)
@@ -12,11 +12,13 @@ from pathlib import Path
 from .db import (ConversationSummary, DatasetInfo, NotFoundError, Revision, StaleVersionError, Store,
                  StoredConversation, StoreError)
 from .io import (FORMATS, ExportReport, FileError, ImportReport, RecordError, conversation_record,
-                 export_dataset, import_file, import_records, load_tokenizer, prepare_record, read_records)
+                 export_dataset, import_file, import_records, import_upload, load_records, load_tokenizer,
+                 prepare_record, read_records)
 
-DEFAULT_DB = Path(__file__).resolve().parents[2] / "annotations" / "workbench.db"
+# The app's database: `python app.py` keeps it in its workspace (default ROOT/workspace).
+DEFAULT_DB = Path(__file__).resolve().parents[2] / "workspace" / "workbench.db"
 
 __all__ = ["Store", "StoreError", "NotFoundError", "StaleVersionError", "StoredConversation", "Revision",
            "ConversationSummary", "DatasetInfo", "FORMATS", "ExportReport", "FileError", "ImportReport",
            "RecordError", "conversation_record", "export_dataset", "import_file", "import_records",
-           "load_tokenizer", "prepare_record", "read_records", "DEFAULT_DB"]
+           "import_upload", "load_records", "load_tokenizer", "prepare_record", "read_records", "DEFAULT_DB"]

@@ -145,6 +145,8 @@ class ConversationSummary:
     version: int
     labelled: bool
     preview: str
+    updated_by: str = ""
+    updated_at: float = 0.0
 
 
 @dataclass
@@ -256,9 +258,23 @@ class Store:
         raise NotFoundError(f"no dataset named {name!r}")
 
     def delete_dataset(self, name: str) -> None:
+        """Delete a dataset with its conversations and their history (image files stay: they are
+        shared by content and cheap to keep)."""
         with self._write() as db:
             dataset_id = self._dataset_id(db, name)
             db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+
+    def rename_dataset(self, name: str, new_name: str) -> str:
+        """Give dataset `name` the name `new_name` (refused when another dataset has it)."""
+        new_name = _dataset_name(new_name)
+        with self._write() as db:
+            dataset_id = self._dataset_id(db, name)
+            if new_name == name:
+                return new_name
+            if db.execute("SELECT 1 FROM datasets WHERE name = ?", (new_name,)).fetchone():
+                raise StoreError(f"a dataset named {new_name!r} exists already")
+            db.execute("UPDATE datasets SET name = ? WHERE id = ?", (new_name, dataset_id))
+        return new_name
 
     # --- adding conversations ----------------------------------------------------------------
 
@@ -349,9 +365,10 @@ class Store:
         """The conversations of a dataset in order; `status` all / labelled / unlabelled; `search`
         keeps those whose text contains it (case-insensitive)."""
         db = self._db()
-        rows = self._select(db, "id, position, version, labelled", dataset, status, search)
+        rows = self._select(db, "id, position, version, labelled, updated_by, updated_at", dataset, status, search)
         previews = self._previews(db, [r[0] for r in rows])
-        return [ConversationSummary(cid, pos, ver, bool(lab), previews.get(cid, "")) for cid, pos, ver, lab in rows]
+        return [ConversationSummary(cid, pos, ver, bool(lab), previews.get(cid, ""), by, at)
+                for cid, pos, ver, lab, by, at in rows]
 
     def conversation_ids(self, dataset: str, *, status: str = "all", search: str = "") -> list[int]:
         """Like `conversations`, ids only (cheap enough to run on every navigation click)."""

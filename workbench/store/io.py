@@ -23,7 +23,7 @@ from .db import Store, StoreError
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
-RECORD_KEYS = {"conversations", "messages", "system", "images"}
+RECORD_KEYS = {"conversations", "messages", "system", "images", "labelled"}
 FROM_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 FORMATS = ("sharegpt", "llamafactory", "semantic-ids")
@@ -42,6 +42,7 @@ class PreparedRecord:
     conversation: Conversation
     images: list[tuple[bytes, str]]  # content and file extension, already verified
     extra: dict
+    labelled: bool = False  # the record already carries labels (roles or spans), or says so
 
 
 @dataclass
@@ -58,31 +59,46 @@ class ImportReport:
 
 # --- reading files -----------------------------------------------------------------------------
 
-def read_records(path) -> list[tuple[str, object]]:
+def read_records(path, *, display: str | None = None) -> list[tuple[str, object]]:
     """(name, record) pairs of a JSON list (or one JSON object) or a JSONL file. In JSONL a
-    malformed line becomes a RecordError in place of its record; in JSON the whole file fails."""
+    malformed line becomes a RecordError in place of its record; in JSON the whole file fails.
+    Messages name the file as `display` (what the person called it; default: the path)."""
     path = Path(path)
+    shown = display or str(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
-        raise FileError(f"{path}: no such file") from None
+        raise FileError(f"{shown}: no such file") from None
+    except IsADirectoryError:
+        raise FileError(f"{shown}: is a folder, not a file") from None
     except UnicodeDecodeError as e:
-        raise FileError(f"{path}: not UTF-8 text ({e})") from None
+        raise FileError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise FileError(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise FileError(f"{shown}: cannot be read ({e.strerror or e})") from None
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return _read_jsonl(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise FileError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise FileError(f"{shown}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
-        raise FileError(f"{path}: malformed JSON: nested too deeply") from None
+        raise FileError(f"{shown}: malformed JSON: nested too deeply") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise FileError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise FileError(f"{shown}: expected a JSON list of records, got {type(data).__name__}")
     return [(f"record {i}", record) for i, record in enumerate(data)]
+
+
+def load_records(path) -> list:
+    """The records of a JSON or JSONL file as a plain list (for training): the same reader as
+    import, but the first malformed line fails the whole file (FileError names file and line)."""
+    records = []
+    for name, record in read_records(path):
+        if isinstance(record, RecordError):
+            raise FileError(f"{path}: {record}")
+        records.append(record)
+    return records
 
 
 def _read_jsonl(text: str) -> list[tuple[str, object]]:
@@ -103,9 +119,13 @@ def _read_jsonl(text: str) -> list[tuple[str, object]]:
 
 # --- checking one record ---------------------------------------------------------------------
 
-def prepare_record(record, *, name: str = "record", base_dir=".", max_image_bytes: int = MAX_IMAGE_BYTES,
-                   max_image_pixels: int = MAX_IMAGE_PIXELS) -> PreparedRecord:
-    """Check a record fully and read its images; RecordError names the record and the problem."""
+def prepare_record(record, *, name: str = "record", base_dir=".", confine_to=None,
+                   max_image_bytes: int = MAX_IMAGE_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS) -> PreparedRecord:
+    """Check a record fully and read its images; RecordError names the record and the problem.
+
+    Images are paths relative to `base_dir`. With `confine_to` (a folder: what a person uploaded)
+    an image must be a relative path that stays inside it, through no symbolic link; an image not
+    found at its path is looked up by file name among the uploaded files (when exactly one has it)."""
     if isinstance(record, RecordError):
         raise record
     try:
@@ -125,46 +145,86 @@ def prepare_record(record, *, name: str = "record", base_dir=".", max_image_byte
         json.dumps(extra, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise RecordError(f"{name}: extra fields cannot be stored as JSON ({e})") from None
-    images = [_read_image(image, k, name, Path(base_dir), max_image_bytes, max_image_pixels)
-              for k, image in enumerate(conversation.images)]
-    return PreparedRecord(conversation, images, extra)
+    images = []
+    for k, image in enumerate(conversation.images):
+        path = _image_path(image, k, name, Path(base_dir), confine_to)
+        images.append(_read_image(path, f"{name}: image {k} ({image!r})", max_image_bytes, max_image_pixels))
+    return PreparedRecord(conversation, images, extra, _is_labelled(record))
+
+
+def _is_labelled(record: dict) -> bool:
+    """Labelled already: the record says so (`"labelled": true/false`, as exports write), or else
+    one of its turns carries a role (`semantic_type`) or spans."""
+    if isinstance(record.get("labelled"), bool):
+        return record["labelled"]
+    turns = record.get("conversations", record.get("messages")) or []
+    return any(isinstance(t, dict) and (t.get("semantic_type") is not None or t.get("spans")) for t in turns)
 
 
 def _rename(message: str, name: str) -> str:
     return name + message[len("record"):] if message.startswith("record") else f"{name}: {message}"
 
 
-def _read_image(image, k: int, name: str, base_dir: Path, max_bytes: int, max_pixels: int) -> tuple[bytes, str]:
+def _image_path(image, k: int, name: str, base_dir: Path, confine_to) -> Path:
+    where = f"{name}: image {k}"
+    if not isinstance(image, str) or not image.strip():
+        raise RecordError(f"{where} must be a file path, got {image!r}")
+    if confine_to is None:
+        return base_dir / image
+    root = Path(confine_to).resolve()
+    relative = Path(image.replace("\\", "/"))
+    if relative.is_absolute() or relative.drive or ".." in relative.parts:
+        raise RecordError(f"{where} ({image!r}): only paths inside the upload are allowed (no absolute "
+                          f"paths, no '..'); upload the image with the records, e.g. in one .zip")
+    path = base_dir / relative
+    if not (path.is_file() or path.is_symlink()):
+        same_name = [p for p in root.rglob(relative.name) if p.is_file() and not p.is_symlink()]
+        if len(same_name) == 1:
+            path = same_name[0]
+        elif len(same_name) > 1:
+            raise RecordError(f"{where} ({image!r}) is not in the upload at that path, and "
+                              f"{len(same_name)} uploaded files are called {relative.name!r}: upload a .zip "
+                              f"that keeps the folders")
+        else:
+            raise RecordError(f"{where} ({image!r}) is not in the upload: add it to the upload (several "
+                              f"files at once, or one .zip with the records and images)")
+    resolved = path.resolve()
+    if path.is_symlink() or (resolved != root and root not in resolved.parents):
+        raise RecordError(f"{where} ({image!r}) is a link leaving the upload: refused")
+    return resolved
+
+
+def _read_image(path: Path, where: str, max_bytes: int, max_pixels: int) -> tuple[bytes, str]:
+    """The bytes and extension of the image at `path`; errors start with `where` (the record and the
+    image as the record writes it), never with a server path."""
     from PIL import Image
 
-    if not isinstance(image, str) or not image.strip():
-        raise RecordError(f"{name}: image {k} must be a file path, got {image!r}")
-    path = base_dir / image
     try:
+        if path.is_dir():
+            raise RecordError(f"{where} is a folder, not an image file")
         size = path.stat().st_size
-        if not path.is_file():
-            raise RecordError(f"{name}: image {k} is not a file: {path}")
         if size > max_bytes:
-            raise RecordError(f"{name}: image {k} is too large ({size} bytes, at most {max_bytes}): {path}")
+            raise RecordError(f"{where} is too large ({size} bytes, at most {max_bytes})")
         data = path.read_bytes()
     except FileNotFoundError:
-        raise RecordError(f"{name}: image {k} not found: {path}") from None
+        raise RecordError(f"{where} not found") from None
     except OSError as e:
-        raise RecordError(f"{name}: image {k} cannot be read ({e.strerror or e}): {path}") from None
+        raise RecordError(f"{where} cannot be read ({e.strerror or type(e).__name__})") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             fmt = im.format
             if width * height > max_pixels:
-                raise RecordError(f"{name}: image {k} is too large ({width}x{height} pixels, at most "
-                                  f"{max_pixels}): {path}")
+                raise RecordError(f"{where} is too large ({width}x{height} pixels, at most {max_pixels})")
             im.verify()
     except RecordError:
         raise
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for files that are not images
-        raise RecordError(f"{name}: image {k} cannot be read as an image ({path}): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise RecordError(f"{where} is not an image (expected PNG, JPEG, GIF, WebP, BMP or TIFF)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
+        raise RecordError(f"{where} is damaged or truncated ({type(e).__name__})") from None
     if fmt not in IMAGE_FORMATS:
-        raise RecordError(f"{name}: image {k} has an unsupported format {fmt}: {path}")
+        raise RecordError(f"{where} has an unsupported format {fmt} (expected PNG, JPEG, GIF, WebP, BMP or TIFF)")
     return data, IMAGE_FORMATS[fmt]
 
 
@@ -217,33 +277,39 @@ def make_durable(paths) -> None:
 # --- import ----------------------------------------------------------------------------------
 
 def import_records(store: Store, dataset: str, records, *, base_dir=".", progress=None, batch_size: int = 256,
-                   author: str = "import", source: str | None = None, **limits) -> ImportReport:
+                   author: str = "import", source: str | None = None, confine_to=None, **limits) -> ImportReport:
     """Store every valid record of `records` ((name, record) pairs) in `dataset`; the report lists
-    the invalid ones. `progress(done, total)` is called as it goes."""
+    the invalid ones. `progress(done, total)` is called as it goes. A new dataset is only created
+    when at least one record is stored."""
     records = list(records)
     report = ImportReport(dataset)
+    existed = any(info.name == dataset.strip() for info in store.datasets()) if isinstance(dataset, str) else False
     for start in range(0, len(records), batch_size):
         prepared = []
         for name, record in records[start:start + batch_size]:
             try:
-                prepared.append((name, prepare_record(record, name=name, base_dir=base_dir, **limits)))
+                prepared.append((name, prepare_record(record, name=name, base_dir=base_dir, confine_to=confine_to,
+                                                      **limits)))
             except RecordError as e:
                 report.errors.append(str(e))
         written: list[Path] = []
-        with store.batch(dataset) as add:
-            for name, item in prepared:
-                images = [save_image(store.image_dir, data, ext, written=written) for data, ext in item.images]
-                try:
-                    cid = add(item.conversation, images=images, extra=item.extra, author=author,
-                              source=f"{source} {name}" if source else name)
-                except (StoreError, ValueError, sqlite3.Error) as e:
-                    report.errors.append(f"{name}: {e}")
-                    continue
-                report.stored += 1
-                report.conversation_ids.append(cid)
-            make_durable(written)  # the images are on disk before the rows naming them commit
+        if prepared:
+            with store.batch(dataset) as add:
+                for name, item in prepared:
+                    images = [save_image(store.image_dir, data, ext, written=written) for data, ext in item.images]
+                    try:
+                        cid = add(item.conversation, images=images, extra=item.extra, author=author,
+                                  labelled=item.labelled, source=f"{source} {name}" if source else name)
+                    except (StoreError, ValueError, sqlite3.Error) as e:
+                        report.errors.append(f"{name}: {e}")
+                        continue
+                    report.stored += 1
+                    report.conversation_ids.append(cid)
+                make_durable(written)  # the images are on disk before the rows naming them commit
         if progress:
             progress(min(start + batch_size, len(records)), len(records))
+    if not report.stored and not existed and any(info.name == dataset.strip() for info in store.datasets()):
+        store.delete_dataset(dataset.strip())  # every record failed to insert: leave no empty dataset
     return report
 
 
@@ -253,6 +319,98 @@ def import_file(store: Store, path, *, dataset: str | None = None, progress=None
     records = read_records(path)
     return import_records(store, dataset or path.stem, records, base_dir=path.parent, progress=progress,
                           author=author, source=path.name, **limits)
+
+
+# --- uploads from the browser ------------------------------------------------------------------
+
+RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson")
+MAX_UPLOAD_BYTES = 4 * 1024 ** 3  # unpacked, all files together
+MAX_UPLOAD_FILES = 200_000
+
+
+def unpack_upload(files, folder) -> Path:
+    """Copy uploaded files into `folder` (empty or new) under their own names, unpacking .zip files
+    in place (no absolute paths, no '..', no links, within the size limits); returns the folder.
+    `files` are (path on this machine, the name the person gave it) pairs or plain paths."""
+    import shutil
+    import stat
+    import zipfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    total = count = 0
+    for item in files:
+        path, name = (item if isinstance(item, tuple) else (item, Path(item).name))
+        name = Path(str(name).replace("\\", "/")).name or "upload"
+        if name.lower().endswith(".zip"):
+            try:
+                archive = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise FileError(f"{name}: not a readable .zip ({e})") from None
+            with archive:
+                for entry in archive.infolist():
+                    parts = Path(entry.filename.replace("\\", "/")).parts
+                    if entry.is_dir() or not parts or parts[0].startswith("__MACOSX"):
+                        continue
+                    if entry.filename.startswith("/") or ".." in parts or ":" in parts[0]:
+                        raise FileError(f"{name}: the entry {entry.filename!r} would leave the upload: refused")
+                    if stat.S_ISLNK(entry.external_attr >> 16):
+                        continue  # links are not followed: an image behind one is reported missing
+                    total += entry.file_size
+                    count += 1
+                    if total > MAX_UPLOAD_BYTES or count > MAX_UPLOAD_FILES:
+                        raise FileError(f"{name}: too large unpacked (at most {MAX_UPLOAD_BYTES // 1024 ** 2} MiB "
+                                        f"and {MAX_UPLOAD_FILES} files)")
+                    target = folder.joinpath(*parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        with archive.open(entry) as src, open(target, "wb") as out:
+                            shutil.copyfileobj(src, out)
+                    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+                        raise FileError(f"{name}: {entry.filename!r} cannot be unpacked ({e})") from None
+        else:
+            total += Path(path).stat().st_size
+            if total > MAX_UPLOAD_BYTES:
+                raise FileError(f"the upload is too large (at most {MAX_UPLOAD_BYTES // 1024 ** 2} MiB)")
+            shutil.copyfile(path, folder / name)
+    return folder
+
+
+def import_upload(store: Store, files, dataset: str | None, folder, *, author: str = "import",
+                  progress=None) -> ImportReport:
+    """Import what a person uploaded from the browser: record files (.json/.jsonl) and images, one by
+    one or in .zip files (such as the tab's own export), unpacked into `folder`. Images are found
+    inside the upload only. The dataset defaults to the name of the first record file; every error
+    names the file, record and image as the person knows them. FileError: nothing could be imported."""
+    files = list(files or [])
+    if not files:
+        raise FileError("choose a JSON or JSONL file, or a .zip of records and images")
+    root = unpack_upload(files, folder)
+    record_files = sorted((p for p in root.rglob("*") if p.suffix.lower() in RECORD_SUFFIXES and p.is_file()
+                           and p.name != "dataset_info.json" and not p.name.startswith(".")),
+                          key=lambda p: (len(p.relative_to(root).parts), str(p)))
+    if not record_files:
+        raise FileError("the upload has no .json or .jsonl file of records")
+    several = len(record_files) > 1
+    named = []
+    for path in record_files:
+        shown = path.relative_to(root).as_posix()
+        for name, record in read_records(path, display=shown):
+            if several:
+                name = f"{shown} {name}"
+                if isinstance(record, RecordError):
+                    record = RecordError(f"{shown} {record}")
+            named.append((name, record, path.parent))
+    name = (dataset or "").strip() or record_files[0].stem
+    report = ImportReport(name)
+    # records of one file share its folder for relative image paths
+    for parent in dict.fromkeys(p for _, _, p in named):
+        part = import_records(store, name, [(n, r) for n, r, p in named if p == parent], base_dir=parent,
+                              confine_to=root, author=author, source=record_files[0].name, progress=progress)
+        report.stored += part.stored
+        report.errors += part.errors
+        report.conversation_ids += part.conversation_ids
+    return report
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -273,6 +431,7 @@ def conversation_record(conv, image_paths: list[str], *, style: str = "sharegpt"
     record = {**conv.extra, ("messages" if style == "openai" else "conversations"): turns}
     if image_paths:
         record["images"] = image_paths
+    record["labelled"] = bool(conv.labelled)  # every turn carries a role; this says whether a person set them
     return record
 
 

@@ -22,6 +22,7 @@ import models.hybrid  # noqa: F401  (registers the hsa_hybrid model type with th
 from models.composed import PROJECTOR, freeze_for_align, projector_parameters
 from models.vlm.processor import load_processor
 from workbench.align import AlignError, HSACollator, normalize_record
+from workbench.store.io import load_records as read_json_records
 
 from .config import DEFAULT_LORA_TARGETS, LORA_EXCLUDE, TrainConfig
 
@@ -40,11 +41,7 @@ def load_records(config: TrainConfig) -> list:
     path = Path(config.dataset)
     if not path.exists():
         raise FileNotFoundError(f"dataset file {path} does not exist")
-    text = path.read_text()
-    if path.suffix.lower() == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = json.loads(text)
+    records = read_json_records(path)  # the store's reader: JSON or JSONL, lines end at "\n" only
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty JSON list of ShareGPT records")
     image_root = Path(config.image_root) if config.image_root else path.parent
