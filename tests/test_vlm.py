@@ -116,3 +116,28 @@ def test_clear_errors(tmp_path):
             load_vlm(DEFAULT_DIR, quantization="4bit", device="cpu")
     with pytest.raises(VLMLoadError, match="adapter"):
         load_vlm(DEFAULT_DIR, adapter=tmp_path / "no_adapter", device="cpu")
+
+
+def test_a_missing_model_is_named_at_once_and_the_hub_is_tried_once(monkeypatch, tmp_path):
+    """Issue 20.16: a missing local path says "not found: PATH" (not a repo-id format error), and an
+    unknown hub id on a machine that cannot reach the hub fails within seconds, once, then at once."""
+    import time
+
+    from models.vlm import VLMLoadError, load_vlm
+    from models.vlm import hub
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(VLMLoadError, match=f"not found: {missing}"):
+        load_vlm(missing)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")  # .invalid never resolves
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub.reset()
+    start = time.monotonic()
+    with pytest.raises(VLMLoadError, match="cannot reach the hub for someone/unknown-model"):
+        load_vlm("someone/unknown-model")
+    assert time.monotonic() - start < hub.CHECK_TIMEOUT_S + 2
+    start = time.monotonic()
+    with pytest.raises(VLMLoadError, match="cannot reach the hub"):
+        load_vlm("someone/other-model")
+    assert time.monotonic() - start < 1.0  # remembered
+    hub.reset()

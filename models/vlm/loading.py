@@ -48,7 +48,12 @@ def load_vlm(path_or_hub_id: str | Path, *, attn_implementation: str = "hsa", ad
     Raises VLMLoadError with the reason when something cannot be loaded."""
     from transformers import AutoModelForImageTextToText
 
-    source = str(path_or_hub_id)
+    from .hub import ModelNotFound, locate
+
+    try:
+        source = locate(path_or_hub_id)
+    except ModelNotFound as error:
+        raise VLMLoadError(str(error)) from None
     target = _device(device)
     quantization_config = _quantization_config(quantization)
     if dtype is None:

@@ -47,7 +47,11 @@ def _model_type(path_or_id: str, **kwargs) -> str | None:
 def load_processor(path_or_id: str, **kwargs):
     """AutoProcessor, or for Qwen2-VL-family checkpoints the image-only processor where AutoProcessor
     cannot give one: without torchvision, or when the saved processor class is not importable
-    (AutoProcessor then falls back to a bare tokenizer)."""
+    (AutoProcessor then falls back to a bare tokenizer). A name that is neither a local path nor a
+    reachable or cached hub id raises hub.ModelNotFound at once."""
+    from .hub import locate
+
+    path_or_id = locate(path_or_id)
     try:
         processor = AutoProcessor.from_pretrained(path_or_id, **kwargs)
         if getattr(processor, "image_processor", None) is not None or \
