@@ -213,7 +213,8 @@ def test_import_with_progress_and_export_to_a_zip(store, tmp_path, bpe_tokenizer
     source.write_text(json.dumps(data))
     annotator = Annotator(store, lambda name: bpe_tokenizer, exports_dir=tmp_path / "exports")
     calls = []
-    message, name = annotator.import_upload(str(source), "", "ann", progress=lambda d, t: calls.append((d, t)))
+    message, name = annotator.import_files([str(source), str(tmp_path / "red.png")], "", "ann",
+                                           progress=lambda d, t: calls.append((d, t)))
     assert name == "upload" and "Imported 30 of 31 records" in message and "record 30" in message
     assert calls and calls[-1] == (31, 31)
     archive, status = annotator.export("upload", "sharegpt", WORDS)
@@ -256,3 +257,59 @@ def test_model_suggestions_work_on_a_conversation_with_an_image(store, tmp_path)
     annotator = Annotator(store, lambda name: processor, lambda name: (model, processor))
     page, payload, message = annotator.suggest(cid, "tok", "model")
     assert "Suggestion preview" in page and "🖼 image" in page
+
+
+def test_a_failed_import_keeps_the_dataset_in_use_and_creates_none(store, tmp_path):
+    """Issue 20.3/20.4: malformed JSON or only invalid records: nothing new, the dataset in use stays."""
+    add(store, rec("Plain"), dataset="mine")
+    annotator = Annotator(store, exports_dir=tmp_path / "exports")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    message, chosen = annotator.import_files([str(bad)], "", "ann", "mine")
+    assert message.startswith("⚠️ Nothing imported: bad.json: malformed JSON") and chosen == "mine"
+    (tmp_path / "empty.json").write_text(json.dumps([{"conversations": []}]))
+    message, chosen = annotator.import_files([str(tmp_path / "empty.json")], "new", "ann", "mine")
+    assert "Nothing imported" in message and "record 0" in message and chosen == "mine"
+    assert [d.name for d in store.datasets()] == ["mine"]
+    assert str(tmp_path) not in message
+
+
+def test_rename_and_delete_with_confirmation_and_a_backup_that_imports_back(store, tmp_path):
+    shapes_png(tmp_path / "red.png")
+    ids = add(store, rec("<image>Question?") | {"images": [str(tmp_path / "red.png")]}, rec("Other"), dataset="a")
+    add(store, rec("B"), dataset="b")
+    annotator = Annotator(store, exports_dir=tmp_path / "exports")
+    store.set_span(ids[1], 0, 0, 3, NOISE, expected_version=1, author="ann")
+    message, chosen = annotator.rename("a", "shapes")
+    assert chosen == "shapes" and "Renamed" in message
+    assert annotator.rename("shapes", "b") == ("⚠️ Not renamed: a dataset named 'b' exists already", "shapes")
+    message, backup, chosen = annotator.delete("shapes", "wrong")
+    assert backup is None and chosen == "shapes" and "type the name" in message
+    assert [d.name for d in store.datasets()] == ["b", "shapes"]
+    message, backup, chosen = annotator.delete("shapes", "shapes")
+    assert "Deleted" in message and backup.endswith(".zip") and chosen == "b"
+    assert [d.name for d in store.datasets()] == ["b"]
+    message, chosen = annotator.import_files([backup], "shapes", "ann", "b")
+    assert chosen == "shapes" and "Imported 2 of 2" in message
+    back = [store.conversation(c) for c in store.conversation_ids("shapes")]
+    assert len(back[0].images) == 1 and back[1].turns[0].spans == [Span(0, 3, NOISE)]
+    assert [c.labelled for c in back] == [True, True]
+
+
+def test_the_conversation_table_pages_and_marks_the_open_one(store):
+    """Issue 20.5: number, first words, labelled or not, last editor; the page of the open one."""
+    from workbench.ui.annotate import PAGE_SIZE
+
+    ids = add(store, *[rec(f"Question number {i} about the circle") | {"labelled": False} for i in range(PAGE_SIZE + 3)])
+    store.set_span(ids[PAGE_SIZE + 1], 0, 0, 3, NOISE, expected_version=1, author="ann")
+    annotator = Annotator(store)
+    rows, row_ids, label, page = annotator.table("d", "all", "", ids[PAGE_SIZE + 1])
+    assert page == 1 and label == f"page 2 of 2 · {PAGE_SIZE + 3} conversations" and row_ids == ids[PAGE_SIZE:]
+    assert rows[1] == [f"▶ {PAGE_SIZE + 2}", f"Question number {PAGE_SIZE + 1} about the circle", "✓", "ann"]
+    assert rows[0][2] == "" and rows[0][3] == "import"
+    rows, row_ids, label, page = annotator.table("d", "all", "", ids[0], page=0)
+    assert len(rows) == PAGE_SIZE and rows[0][0] == "▶ 1"
+    assert annotator.table("d", "labelled", "", -1)[1] == [ids[PAGE_SIZE + 1]]
+    # opening a row's conversation: the status line and the counter agree (issue 20.6)
+    cid, where = annotator.navigate("d", "all", "", ids[1])
+    assert where == f"2 / {PAGE_SIZE + 3}" and annotator.show(cid, WORDS)["status"].startswith("Conversation #2 ")

@@ -22,14 +22,16 @@ import gradio as gr
 
 from models.hsa import GLOBAL, LANDMARK, NOISE, ROLE_NAMES
 from workbench.align import AlignError, align_record, token_role
-from workbench.store import (FORMATS, FileError, StaleVersionError, Store, StoreError, export_dataset,
-                             import_records, read_records)
+from workbench.store import FORMATS, FileError, StaleVersionError, Store, StoreError, export_dataset, import_upload
 from workbench.store.db import labels_from_json, labels_to_json
 from workbench.store.suggest import model_suggestions, rule_suggestions
 
 ROLE_KEYS = {"1": GLOBAL, "2": LANDMARK, "3": NOISE}
 STATUSES = ("all", "unlabelled", "labelled")
 WORDS = "words (no model)"
+PAGE_SIZE = 15
+TABLE_HEADERS = ["#", "first words", "labelled", "last change by"]
+UPLOAD_TYPES = [".json", ".jsonl", ".zip", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
 
 # --- offsets: browser UTF-16 units <-> Python code points ---------------------------------------
@@ -250,12 +252,13 @@ class Annotator:
         return {"conv_id": conv.id, "version": conv.version, "html": render_view(conv, view),
                 "images": [str(p) for p in conv.images], "history": history,
                 "status": " ".join(x for x in (status, note) if x) or
-                f"Conversation #{conv.position} · version {conv.version}"
+                f"Conversation #{conv.position + 1} · version {conv.version}"
                 + (f" · last change by {conv.updated_by}" if conv.updated_by else "")}
 
     def navigate(self, dataset, status, search, conv_id, step: int | None = None, jump: int | None = None):
         """The conversation `step` away from `conv_id` in the filtered list, or number `jump`
-        (1-based) of it; returns (conv_id, "i / n")."""
+        (1-based) of it; returns (conv_id, "i / n"). With neither, `conv_id` itself when it is in
+        the list, else the first."""
         ids = self.ids(dataset, status, search)
         if not ids:
             return -1, "0 / 0"
@@ -353,25 +356,77 @@ class Annotator:
         except AlignError:
             return word_view(conv)
 
-    def import_upload(self, path, dataset, author, progress=None) -> tuple[str, str]:
-        """(status, dataset) after importing an uploaded ShareGPT JSON/JSONL file."""
-        if not path:
-            return "Choose a JSON or JSONL file first.", dataset
-        path = Path(path)
-        name = (dataset or "").strip() or path.stem
+    def import_files(self, files, dataset, author, current=None, progress=None) -> tuple[str, str | None]:
+        """(status, dataset to show) after importing uploaded files: ShareGPT JSON/JSONL with their
+        images, loose or in .zip files. When nothing is imported the dataset in use stays."""
+        files = [f for f in (files if isinstance(files, (list, tuple)) else [files]) if f]
+        if not files:
+            return "Choose a JSON or JSONL file (with its images), or a .zip of records and images, first.", current
+        staging = Path(self.exports_dir or ".").parent / "tmp" / f"upload-{time.strftime('%Y%m%d-%H%M%S')}-{id(files):x}"
         try:
-            records = read_records(path)
+            report = import_upload(self.store, [(f, Path(f).name) for f in map(str, files)], dataset, staging,
+                                   author=(author or "").strip() or "import", progress=progress)
         except FileError as e:
-            return f"⚠️ Nothing imported: {e}", dataset
-        report = import_records(self.store, name, records, base_dir=path.parent, progress=progress,
-                                author=(author or "").strip() or "import", source=path.name)
-        lines = [f"Imported {report.stored} of {report.total} records into **{name}**."]
+            return f"⚠️ Nothing imported: {e}", current
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if report.stored:
+            lines = [f"Imported {report.stored} of {report.total} records into **{report.dataset}**."]
+        else:
+            lines = [f"⚠️ Nothing imported: none of the {report.total} records could be stored."]
         if report.errors:
             lines.append(f"⚠️ {len(report.errors)} invalid record(s):")
             lines += [f"- {e}" for e in report.errors[:20]]
             if len(report.errors) > 20:
                 lines.append(f"- … and {len(report.errors) - 20} more")
-        return "\n".join(lines), name
+        return "\n".join(lines), report.dataset if report.stored else current
+
+    def rename(self, dataset, new_name) -> tuple[str, str | None]:
+        """(status, dataset to show) after renaming `dataset`."""
+        if not dataset:
+            return "Choose a dataset first.", dataset
+        try:
+            name = self.store.rename_dataset(dataset, new_name or "")
+        except StoreError as e:
+            return f"⚠️ Not renamed: {e}", dataset
+        return f"Renamed **{dataset}** to **{name}**.", name
+
+    def delete(self, dataset, confirmation) -> tuple[str, str | None, str | None]:
+        """(status, backup zip, dataset to show). Deleting needs the dataset's name typed again; the
+        dataset is exported (ShareGPT with images, labels and the labelled flag) first, so importing
+        that zip brings it back."""
+        if not dataset:
+            return "Choose a dataset first.", None, dataset
+        if (confirmation or "").strip() != dataset:
+            return f"⚠️ Not deleted: type the name **{dataset}** to confirm.", None, dataset
+        backup, status = self.export(dataset, "sharegpt", WORDS)
+        if backup is None:
+            return f"⚠️ Not deleted: the backup export failed ({status})", None, dataset
+        self.store.delete_dataset(dataset)
+        names = [d.name for d in self.store.datasets()]
+        return (f"Deleted **{dataset}**. Its backup is ready to download; import that zip to get it back "
+                f"(with its labels and images, not its edit history)."), backup, (names[0] if names else None)
+
+    def table(self, dataset, status, search, conv_id=None, page: int | None = None) -> tuple[list, list[int], str, int]:
+        """One page of the conversation list: rows (#, first words, labelled, last change by), their
+        ids, "page i of n · m conversations", and the page number (0-based). Without `page`, the
+        page holding `conv_id`."""
+        if not dataset:
+            return [], [], "", 0
+        try:
+            summaries = self.store.conversations(dataset, status=status or "all", search=search or "")
+        except StoreError:
+            return [], [], "", 0
+        pages = max(1, -(-len(summaries) // PAGE_SIZE))
+        if page is None:
+            ids = [c.id for c in summaries]
+            page = ids.index(conv_id) // PAGE_SIZE if conv_id in ids else 0
+        page = min(max(int(page), 0), pages - 1)
+        shown = summaries[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+        rows = [[("▶ " if c.id == conv_id else "") + str(c.position + 1), c.preview.replace("<image>", "🖼 "),
+                 "✓" if c.labelled else "",
+                 c.updated_by] for c in shown]
+        return rows, [c.id for c in shown], f"page {page + 1} of {pages} · {len(summaries)} conversations", page
 
     def export(self, dataset, fmt, model, processor=None, progress=None) -> tuple[str | None, str]:
         """(zip path, status) of the dataset exported as `fmt`."""
@@ -536,19 +591,28 @@ def build(ctx) -> None:
         return [d.name for d in store.datasets()]
 
     names = dataset_names()
+    # what this browser had open, so a reload comes back to it (not to the first dataset)
+    memory = gr.BrowserState({"dataset": None, "conv_id": -1}, storage_key="hsa-annotate")
     with gr.Row():
         dataset = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", scale=2,
-                              allow_custom_value=False)
+                              allow_custom_value=False, elem_id="annotate-dataset")
         status_filter = gr.Radio(list(STATUSES), value="all", label="Show", scale=2)
         search = gr.Textbox(label="Search text", placeholder="find conversations containing…", scale=2)
         model = gr.Textbox("default", label="Tokens of model", info=f"'default', 'composed', a path, or '{WORDS}'", scale=2)
         author = gr.Textbox("annotator", label="Your name", scale=1)
     with gr.Row():
         prev_button = gr.Button("◀ Previous", scale=1)
-        where = gr.Textbox("0 / 0", label="Conversation", interactive=False, scale=1)
+        where = gr.Textbox("0 / 0", label="Conversation", interactive=False, scale=1, elem_id="annotate-where")
         jump = gr.Number(1, label="Jump to #", precision=0, minimum=1, scale=1)
         next_button = gr.Button("Next ▶", scale=1)
-        progress_md = gr.Markdown(progress_text(store, names[0] if names else None))
+        progress_md = gr.Markdown(progress_text(store, names[0] if names else None), elem_id="annotate-progress")
+    with gr.Accordion("Conversations", open=False, elem_id="annotate-list"):
+        table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True, elem_id="annotate-table",
+                             column_widths=["8%", "62%", "10%", "20%"])
+        with gr.Row():
+            page_prev = gr.Button("◀ page", size="sm", scale=0, min_width=80)
+            page_label = gr.Markdown("", elem_id="annotate-page")
+            page_next = gr.Button("page ▶", size="sm", scale=0, min_width=80)
     status = gr.Markdown("", elem_id="annotate-status")
     with gr.Row():
         with gr.Column(scale=4):
@@ -567,18 +631,31 @@ def build(ctx) -> None:
     conv_id = gr.Number(-1, visible=False, precision=0)
     version = gr.Number(0, visible=False, precision=0)
     suggestion = gr.Textbox("", visible=False)
+    page_ids = gr.State([])
+    page_number = gr.State(0)
     with gr.Accordion("History of this conversation", open=False):
         history = gr.Dataframe(headers=["version", "when", "who", "kind", "what"], interactive=False, wrap=True)
-    with gr.Accordion("Import / export", open=False):
+    with gr.Accordion("Import / export", open=False, elem_id="annotate-io"):
         with gr.Row():
-            upload = gr.File(label="ShareGPT JSON or JSONL", file_types=[".json", ".jsonl"], type="filepath")
-            import_name = gr.Textbox(label="Into dataset (default: the file name)")
-            import_button = gr.Button("Import")
+            upload = gr.File(label="ShareGPT JSON/JSONL with its images, or a .zip of both (as Export writes)",
+                             file_types=UPLOAD_TYPES, file_count="multiple", type="filepath", elem_id="annotate-upload")
+            import_name = gr.Textbox(label="Into dataset (default: the records file's name)", elem_id="annotate-import-name")
+            import_button = gr.Button("Import", elem_id="annotate-import")
         with gr.Row():
             export_format = gr.Radio(list(FORMATS), value="sharegpt", label="Export format")
             export_button = gr.Button("Export the dataset")
-            export_file = gr.File(label="Download", interactive=False)
-        import_status = gr.Markdown("")
+            export_file = gr.File(label="Download", interactive=False, elem_id="annotate-download")
+        import_status = gr.Markdown("", elem_id="annotate-import-status")
+    with gr.Accordion("Manage datasets", open=False, elem_id="annotate-manage"):
+        with gr.Row():
+            new_name = gr.Textbox(label="New name for the chosen dataset", elem_id="annotate-new-name", scale=3)
+            rename_button = gr.Button("Rename", elem_id="annotate-rename", scale=1)
+        with gr.Row():
+            confirm_name = gr.Textbox(label="To delete the chosen dataset, type its name", elem_id="annotate-confirm",
+                                      scale=3)
+            delete_button = gr.Button("Delete (a backup export is made first)", variant="stop",
+                                      elem_id="annotate-delete", scale=1)
+        manage_status = gr.Markdown("", elem_id="annotate-manage-status")
 
     shown = [conv_id, version, view, images, status, history]
 
@@ -586,16 +663,22 @@ def build(ctx) -> None:
         return (result["conv_id"], result["version"], result["html"], result["images"], result["status"],
                 result["history"])
 
+    def listing(dataset_value, status_value, search_value, cid, page=None):
+        rows, ids, label, page = annotator.table(dataset_value, status_value, search_value, cid, page)
+        return rows, ids, label, page
+
     def open_conversation(dataset_value, status_value, search_value, current, model_value, step=None, jump_to=None):
         try:
             cid, position = annotator.navigate(dataset_value, status_value, search_value, current, step, jump_to)
-            return (*present(annotator.show(cid, model_value)), position, progress_text(store, dataset_value), "")
+            return (*present(annotator.show(cid, model_value)), position, progress_text(store, dataset_value), "",
+                    *listing(dataset_value, status_value, search_value, cid))
         except StoreError as e:
-            return (*present(annotator.show(-1, model_value, status=f"⚠️ {e}")), "0 / 0", "", "")
+            return (*present(annotator.show(-1, model_value, status=f"⚠️ {e}")), "0 / 0", "", "", [], [], "", 0)
 
-    nav_outputs = [*shown, where, progress_md, suggestion]
+    nav_outputs = [*shown, where, progress_md, suggestion, table, page_ids, page_label, page_number]
     nav_inputs = [dataset, status_filter, search, conv_id, model]
-    dataset.change(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
+    # .input, not .change: a dataset set by a handler (page load, import, rename) opens its own conversation
+    dataset.input(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
     status_filter.change(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
     search.submit(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
     model.submit(lambda d, s, q, c, m: open_conversation(d, s, q, c, m, 0), nav_inputs, nav_outputs)
@@ -603,6 +686,23 @@ def build(ctx) -> None:
     next_button.click(lambda d, s, q, c, m: open_conversation(d, s, q, c, m, 1), nav_inputs, nav_outputs)
     jump.submit(lambda d, s, q, c, m, j: open_conversation(d, s, q, c, m, jump_to=j or 1),
                 [*nav_inputs, jump], nav_outputs)
+    conv_id.change(lambda d, c: {"dataset": d, "conv_id": c}, [dataset, conv_id], memory)
+
+    def open_row(d, s, q, c, m, ids, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not ids or row is None or not 0 <= row < len(ids):
+            return gr.skip()
+        return open_conversation(d, s, q, ids[row], m, 0)
+
+    table.select(open_row, [*nav_inputs, page_ids], nav_outputs)
+
+    def turn_page(d, s, q, c, page, step):
+        return listing(d, s, q, c, (page or 0) + step)
+
+    page_prev.click(lambda d, s, q, c, p: turn_page(d, s, q, c, p, -1), [dataset, status_filter, search, conv_id, page_number],
+                    [table, page_ids, page_label, page_number])
+    page_next.click(lambda d, s, q, c, p: turn_page(d, s, q, c, p, 1), [dataset, status_filter, search, conv_id, page_number],
+                    [table, page_ids, page_label, page_number])
 
     edit_inputs = [conv_id, version, author, model]
 
@@ -648,25 +748,50 @@ def build(ctx) -> None:
     reject_button.click(lambda c, m: (*present(annotator.show(c, m, status="Suggestion rejected.")), ""),
                         [conv_id, model], [*shown, suggestion])
 
-    def do_import(path, name, who, progress=gr.Progress()):
-        message, new_name = annotator.import_upload(
-            path, name, who, progress=lambda done, total: progress((done, total), desc="importing", unit="records"))
+    def choose(name):
         choices = dataset_names()
-        return message, gr.Dropdown(choices=choices, value=new_name if new_name in choices else None)
+        return gr.Dropdown(choices=choices, value=name if name in choices else (choices[0] if choices else None))
 
-    import_button.click(do_import, [upload, import_name, author], [import_status, dataset])
+    def do_import(files, name, who, current, progress=gr.Progress()):
+        message, chosen = annotator.import_files(
+            files, name, who, current, progress=lambda done, total: progress((done, total), desc="importing", unit="records"))
+        return message, choose(chosen)
+
+    def reopen(d, s, q, c, m):  # the conversation in use if the dataset still has it, else its first
+        return open_conversation(d, s, q, c, m)
+
+    import_button.click(do_import, [upload, import_name, author, dataset], [import_status, dataset]) \
+        .then(reopen, nav_inputs, nav_outputs)
 
     def do_export(d, fmt, m, progress=gr.Progress()):
         return annotator.export(d, fmt, m, progress=lambda done, total: progress((done, total), desc="exporting"))
 
     export_button.click(do_export, [dataset, export_format, model], [export_file, import_status])
 
-    # Every page load opens the first conversation of the chosen dataset, with fresh choices.
+    def do_rename(d, new):
+        message, chosen = annotator.rename(d, new)
+        return message, choose(chosen), ""
+
+    rename_button.click(do_rename, [dataset, new_name], [manage_status, dataset, new_name]) \
+        .then(reopen, nav_inputs, nav_outputs)
+
+    def do_delete(d, typed):
+        message, backup, chosen = annotator.delete(d, typed)
+        return message, backup if backup else gr.skip(), choose(chosen), ""
+
+    delete_button.click(do_delete, [dataset, confirm_name], [manage_status, export_file, dataset, confirm_name]) \
+        .then(reopen, nav_inputs, nav_outputs)
+
+    # Every page load opens what this browser had open (kept in its local storage), with fresh choices.
     from gradio.context import Context
 
-    def on_load(d, s, q, c, m):
+    def on_load(d, s, q, c, m, remembered):
         choices = dataset_names()
-        d = d if d in choices else (choices[0] if choices else None)
-        return (gr.Dropdown(choices=choices, value=d), *open_conversation(d, s, q, -1, m))
+        remembered = remembered or {}
+        if remembered.get("dataset") in choices:
+            d, c = remembered["dataset"], remembered.get("conv_id", -1)
+        else:
+            d, c = (d if d in choices else (choices[0] if choices else None)), -1
+        return (gr.Dropdown(choices=choices, value=d), *open_conversation(d, s, q, c if c is not None else -1, m))
 
-    Context.root_block.load(on_load, nav_inputs, [dataset, *nav_outputs])
+    Context.root_block.load(on_load, [*nav_inputs, memory], [dataset, *nav_outputs])
