@@ -26,6 +26,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# The endpoints meant for scripts (README: "Scripting"); every other event handler is the page's own.
+PUBLIC_API = ("chat", "hsa_mask", "attention")
+
+
+def hide_page_endpoints(app) -> None:
+    """Event handlers are private (not in the API page, not callable by clients) except PUBLIC_API."""
+    for fn in app.fns.values():
+        if fn.api_name not in PUBLIC_API:
+            fn.api_visibility = "private"
+
+
 def build_app(ctx):
     import gradio as gr
 
@@ -45,17 +56,35 @@ def build_app(ctx):
                         attention.build(ctx)
             with gr.Tab("Train", id="train"):
                 train_tab = train.build(ctx)
-            with gr.Tab("Chat", id="chat"):
-                chat_model, open_in_chat = chat.build(ctx)
+            with gr.Tab("Chat", id="chat") as chat_tab_item:
+                chat_tab = chat.build(ctx)
         # "Chat with this run" in the Train tab opens the run in the Chat tab.
         train_tab.chat_model.change(
-            lambda label: (open_in_chat(label), gr.Tabs(selected="chat")) if label else (gr.skip(), gr.skip()),
-            train_tab.chat_model, [chat_model, tabs])
+            lambda label: (chat_tab.open_model(label), gr.Tabs(selected="chat")) if label else (gr.skip(), gr.skip()),
+            train_tab.chat_model, [chat_tab.model, tabs])
+        # runs that finished since the page was opened are offered as soon as the tab is shown
+        chat_tab_item.select(chat_tab.refresh, None, chat_tab.pickers, show_progress="hidden")
+    hide_page_endpoints(app)
     return app
+
+
+def port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if port_taken(args.host, args.port):
+        sys.exit(f"Port {args.port} on {args.host} is taken (another workbench?). Start with --port N, "
+                 f"e.g. --port {args.port + 1}.")
     workspace = args.workspace.resolve()
     # Uploads land inside the workspace, not in a system-wide temp directory.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace / "tmp"))
@@ -65,9 +94,18 @@ def main(argv=None) -> None:
     ctx = AppContext.create(workspace, db_path=args.db, default_model=args.default_model)
     app = build_app(ctx)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    app.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-        allowed_paths=[str(ctx.workspace)], show_error=True, footer_links=["api"])
+    app.queue(default_concurrency_limit=4)
+    # Gradio's own start lines speak of launch(share=True) and GRADIO_SERVER_PORT: ours speak of the options
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, quiet=True,
+               allowed_paths=[str(ctx.workspace)], show_error=True, footer_links=["api"], prevent_thread_lock=True)
+    print(f"HSA Workbench on http://{args.host}:{args.port}" +
+          (f" and {app.share_url}" if args.share and app.share_url else
+           "" if args.share else " (--share also opens a public link; --host 0.0.0.0 serves the network)"),
+          flush=True)
+    try:
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -36,3 +36,32 @@ def test_auth_is_required_when_asked(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_taken_port_names_the_option_to_use(tmp_path):
+    """Issue 20.23: the message speaks of --port, not of Gradio's GRADIO_SERVER_PORT."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace",
+                               str(tmp_path / "ws")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"Port {port}" in done.stderr and "--port" in done.stderr and "GRADIO_SERVER_PORT" not in done.stderr
+
+
+def test_the_start_lines_speak_of_the_options(workbench_url, workbench_workspace):
+    """Issue 20.23: no `launch(share=True)` in what a person reads at start, and only the documented
+    endpoints are public (20.18: not the page's own /lambda_… and /handler_… handlers)."""
+    from conftest import wait_for
+    from gradio_client import Client
+
+    log = workbench_workspace / "server.log"
+    wait_for(lambda: "HSA Workbench on" in log.read_text(), timeout=30)
+    text = log.read_text()
+    assert "--share" in text and "share=True" not in text and "GRADIO_SERVER_PORT" not in text
+    endpoints = Client(workbench_url, verbose=False).view_api(print_info=False, return_format="dict")
+    assert sorted(endpoints["named_endpoints"]) == ["/attention", "/chat", "/hsa_mask"]
+    assert not endpoints["unnamed_endpoints"]

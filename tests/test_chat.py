@@ -98,3 +98,64 @@ def test_closing_a_stream_stops_the_generation(qwen2vl_processor, tmp_path):
     steps = len(calls)
     time.sleep(0.3)
     assert len(calls) == steps < 100  # stopped near the first piece, nothing runs on after it
+
+
+class FakeBackend:
+    """A backend whose models are functions: `fail_load` names models that cannot load."""
+
+    def __init__(self, fail_load=(), replies=None):
+        self.fail_load, self.replies, self.seen = set(fail_load), replies or {}, []
+
+    def model(self, choice):
+        if choice in self.fail_load:
+            raise RuntimeError(f"not found: {choice}")
+        return choice
+
+    def stream(self, choice, turns, system, settings, hsa):
+        self.seen.append(to_record(turns, system))
+        yield from self.replies.get(choice, ["It ", "is red."])
+
+
+def run_answer(backend, st, choices=("m", "(none)")):
+    from workbench.ui.chat import answer
+
+    *_, (st, status) = answer(backend, st, list(choices), "", True, None)
+    return st, status
+
+
+def test_a_failed_turn_is_marked_and_does_not_pile_up(monkeypatch):
+    """Issue 20.15: a model that cannot load leaves the message marked failed (shown in a bubble of its
+    own), later messages do not join it, and retrying or removing it works."""
+    import dataclasses
+
+    from workbench.ui import chat as chat_ui
+
+    monkeypatch.setattr(chat_ui, "asdict", lambda settings: {} if settings is None else dataclasses.asdict(settings))
+    st = {"a": [user_turn("first")], "b": [user_turn("first")]}
+    st, status = run_answer(FakeBackend(fail_load={"m"}), st)
+    assert "Cannot load m" in status and st["a"][-1].failed.startswith("cannot load m")
+    shown = display_messages(st["a"])
+    assert [m["role"] for m in shown] == ["user", "assistant"] and "Not answered" in shown[1]["content"][0]
+    # the next message is answered on its own: the failed one is not sent to the model
+    st["a"].append(user_turn("second"))
+    backend = FakeBackend()
+    st, status = run_answer(backend, st)
+    assert status == "" and st["a"][-1].text == "It is red."
+    assert [t["value"] for t in backend.seen[-1]["conversations"]] == ["second"]
+    assert [m["role"] for m in display_messages(st["a"])] == ["user", "assistant", "user", "assistant"]
+    # retry: a failed last turn is answered again; remove: failed turns go
+    st["a"].append(user_turn("third"))
+    st, _ = run_answer(FakeBackend(fail_load={"m"}), st)
+    retried = chat_ui.retry_last(st["a"])
+    assert retried[-1].text == "third" and not retried[-1].failed
+    st2, _ = run_answer(FakeBackend(), {"a": retried, "b": []})
+    assert st2["a"][-1].speaker == "assistant"
+    assert [t.text for t in chat_ui.without_failed(st["a"])] == ["second", "It is red."]
+    # a model failing while it answers marks the turn the same way
+    class Broken(FakeBackend):
+        def stream(self, *args):
+            yield "It"
+            raise RuntimeError("boom")
+
+    st3, status = run_answer(Broken(), {"a": [user_turn("x")], "b": []})
+    assert "failed: boom" in status and st3["a"] == [st3["a"][0]] and st3["a"][0].failed

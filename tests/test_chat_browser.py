@@ -84,3 +84,126 @@ def test_each_embedded_model_answers_held_out_questions_through_chat(workbench_u
         reply = client.predict({"text": question, "files": [handle_file(str(path))]}, [], name, {}, api_name="/chat")
         asked, right = asked + 1, right + (reply.strip() == answer)
     assert right >= asked - 1, f"{name}: {right} of {asked} right"
+
+
+def open_chat(page, url):
+    page.goto(url)
+    page.get_by_role("tab", name="Chat").click()
+    page.wait_for_selector("#chat-input textarea")
+
+
+def send(page, text: str, image=None):
+    page.wait_for_selector("#chat-input textarea:not([disabled])", timeout=120_000)
+    if image is not None:
+        page.set_input_files("#chat-input input[type=file]", str(image))
+        page.wait_for_selector("#chat-input img, #chat-input .thumbnail-item", timeout=30_000)
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
+
+
+def pick(page, selector: str, value: str):
+    box = page.locator(f"{selector} input")
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_the_tab_says_what_the_default_model_understands(workbench_url, page):
+    """Issue 20.13: nobody takes the tiny default for a general VLM."""
+    open_chat(page, workbench_url)
+    assert "shapes scenes" in page.inner_text("#chat-model-note")
+
+
+def test_a_model_that_cannot_load_marks_the_message_failed(workbench_url, page, scene_png, tmp_path):
+    """Issue 20.15: the message gets a 'not answered' reply of its own, the next message is not merged
+    into it, and the failed message can be removed; 20.16: a missing path is named as such."""
+    import shutil
+
+    again = shutil.copy(scene_png, tmp_path / "again.png")  # the file input only notices a new file
+    open_chat(page, workbench_url)
+    pick(page, "#chat-model", "/no/such/model")
+    send(page, "Which shape is blue?", scene_png)
+    page.wait_for_selector("#chat-a:has-text('Not answered')", timeout=60_000)
+    assert "not found: /no/such/model" in page.inner_text("#chat-a")
+    screenshot(page, "chat-failed-turn")
+    pick(page, "#chat-model", "default")
+    send(page, "Which shape is blue?", again)
+    wait_for_reply(page, "The blue shape is a circle.")
+    bubbles = page.locator("#chat-a .message-row").count()
+    assert bubbles == 4, bubbles  # question, failure, question, answer: no merged user turns
+    page.click("#chat-remove-failed")
+    page.wait_for_function("() => !document.querySelector('#chat-a').innerText.includes('Not answered')",
+                           timeout=30_000)
+    assert "The blue shape is a circle." in page.inner_text("#chat-a")
+
+
+def test_stop_says_the_reply_stopped(workbench_url, page, scene_png):
+    """Issue 20.14: after Stop the status no longer says the model is answering."""
+    open_chat(page, workbench_url)
+    send(page, "Which shape is blue?", scene_png)
+    stop = page.locator("#chat-input button.stop-button, #chat-input button[aria-label*='top' i]").first
+    stop.wait_for(timeout=30_000)
+    stop.click()
+    page.wait_for_selector("#chat-status:has-text('Stopped')", timeout=30_000)
+    page.wait_for_timeout(2000)
+    assert "is answering" not in page.inner_text("#chat-status")
+    page.wait_for_selector("#chat-input textarea:not([disabled])", timeout=30_000)
+
+
+def test_a_run_finished_after_the_page_opened_is_offered(workbench_url, workbench_workspace, page):
+    """Issue 20.17: opening the Chat tab lists the runs that finished since, without '↻ runs'."""
+    import shutil
+
+    from workbench.ui.context import DEFAULT_VLM
+
+    page.goto(workbench_url)
+    page.get_by_role("tab", name="Chat").wait_for()
+    run = workbench_workspace / "runs" / "run-late"
+    (run / "model").mkdir(parents=True)
+    shutil.copy(DEFAULT_VLM / "config.json", run / "model" / "config.json")
+    try:
+        page.get_by_role("tab", name="Chat").click()
+        page.wait_for_timeout(1500)
+        page.locator("#chat-model input").click()
+        page.wait_for_selector("ul[role=listbox] li:has-text('run: run-late')", timeout=15_000)
+    finally:
+        shutil.rmtree(run)
+
+
+def test_regenerate_edit_roles_annotate_and_compare(workbench_url, workbench_workspace, page, scene_png):
+    """Issue 20.19: the tab's other controls, each doing what it says."""
+    open_chat(page, workbench_url)
+    send(page, "Which shape is blue?", scene_png)
+    wait_for_reply(page, "The blue shape is a circle.")
+    page.wait_for_selector("#chat-input textarea:not([disabled])", timeout=120_000)
+    # regenerate: the reply is produced again (greedy: the same), not appended
+    page.click("#chat-retry")
+    page.wait_for_timeout(500)
+    wait_for_reply(page, "The blue shape is a circle.")
+    page.wait_for_function("() => document.querySelector('#chat-status').innerText.trim() === ''", timeout=60_000)
+    assert page.inner_text("#chat-a").count("The blue shape is a circle.") == 1
+    # per-turn role: turn 0 marked noise shows in the conversation and the table
+    page.get_by_text("Turns, roles and settings").click()
+    page.locator("#chat-turn-role").get_by_text("noise", exact=True).click()
+    page.click("#chat-apply-role")
+    page.wait_for_selector("#chat-a:has-text('[noise]')", timeout=30_000)
+    # send to Annotate: a dataset in the store
+    page.locator("#chat-dataset textarea, #chat-dataset input").first.fill("from-chat")
+    page.click("#chat-to-annotate")
+    page.wait_for_selector("#chat-status:has-text('Saved to dataset')", timeout=30_000)
+    from workbench.store import Store
+
+    with Store(workbench_workspace / "workbench.db") as store:
+        assert store.conversation_ids("from-chat")
+    # edit the last message: it comes back into the box, its turn and reply leave the conversation
+    page.click("#chat-edit")
+    page.wait_for_function("() => document.querySelector('#chat-input textarea').value === 'Which shape is blue?'",
+                           timeout=30_000)
+    assert "The blue shape is a circle." not in page.inner_text("#chat-a")
+    # compare: a second model answers the same message beside the first
+    pick(page, "#chat-compare", "default")
+    page.wait_for_selector("#chat-b", state="visible", timeout=30_000)
+    page.locator("#chat-input textarea").press("Enter")
+    page.wait_for_function("() => document.querySelector('#chat-b').innerText.includes('The blue shape is a circle.')",
+                           timeout=120_000)
+    wait_for_reply(page, "The blue shape is a circle.")
+    screenshot(page, "chat-compare")

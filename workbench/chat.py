@@ -31,6 +31,7 @@ class ChatTurn:
     role: int | None = None  # HSA role; None: the speaker's default
     model: str | None = None  # for replies: which model answered
     settings: dict | None = None  # for replies: the decoding settings used
+    failed: str = ""  # for a user turn no model answered: why (the turn stays out of what models see)
 
     @property
     def hsa_role(self) -> int:
@@ -91,6 +92,8 @@ def to_record(turns: list[ChatTurn], system: str | None = None) -> dict:
     if system and system.strip():
         record["system"] = system.strip()
     for turn in turns:
+        if turn.failed:  # not answered: retried or removed, never sent as a turn of its own
+            continue
         value = IMAGE_PLACEHOLDER * len(turn.images) + turn.text
         record["conversations"].append({"from": {"user": "human", "assistant": "gpt"}.get(turn.speaker, turn.speaker),
                                         "value": value, "semantic_type": turn.hsa_role})
@@ -132,6 +135,9 @@ def display_messages(turns: list[ChatTurn]) -> list[dict]:
             text = f"{text}\n\n*[{ROLE_NAMES[turn.hsa_role]}]*"
         content.append(text)
         messages.append({"role": turn.speaker, "content": content})
+        if turn.failed:  # its own bubble, so that the next message does not join this one
+            messages.append({"role": "assistant", "content": [
+                f"⚠ **Not answered:** {turn.failed}\n\n*Retry* asks again; *Remove failed* drops this message."]})
     return messages
 
 
@@ -143,7 +149,7 @@ def turns_table(turns: list[ChatTurn]) -> list[list]:
         if turn.settings:
             settings = ", ".join(f"{k}={v}" for k, v in turn.settings.items() if v not in (None, ""))
         rows.append([i, turn.speaker, ROLE_NAMES[turn.hsa_role], turn.text[:80], len(turn.images),
-                     turn.model or "", settings])
+                     turn.model or ("failed" if turn.failed else ""), settings])
     return rows
 
 
@@ -174,6 +180,21 @@ class ModelPool:
     def loaded(self) -> list[tuple[str, str | None]]:
         with self._lock:
             return list(self._models)
+
+
+def retry_last(turns: list[ChatTurn]) -> list[ChatTurn]:
+    """The conversation ready to answer its last user message again: replies after it dropped,
+    its failure forgotten."""
+    turns = list(turns)
+    while turns and turns[-1].speaker == "assistant":
+        turns.pop()
+    if turns and turns[-1].failed:
+        turns[-1] = ChatTurn(**{**asdict(turns[-1]), "failed": ""})
+    return turns
+
+
+def without_failed(turns: list[ChatTurn]) -> list[ChatTurn]:
+    return [turn for turn in turns if not turn.failed]
 
 
 def finished_runs(runs_dir: Path) -> dict[str, tuple[str, str | None]]:

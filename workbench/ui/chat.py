@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import gradio as gr
 
 from models.hsa import ROLE_NAMES
 from workbench.chat import (TABLE_HEADERS, ChatInputError, ChatTurn, ModelPool, display_messages,
-                            finished_runs, history_from_api, is_out_of_memory, to_record, turns_table,
-                            user_turn)
+                            finished_runs, history_from_api, is_out_of_memory, retry_last, to_record,
+                            turns_table, user_turn, without_failed)
 from workbench.ui.context import AppContext
 
 NONE = "(none)"
@@ -61,6 +61,46 @@ def make_settings(mode, max_new_tokens, temperature, top_p, top_k, num_beams, re
                               seed=int(seed) if seed not in (None, "", -1) else None)
 
 
+def answer(backend: ChatBackend, st: dict, choices: list[str], system: str, hsa_on: bool, settings):
+    """The reply of each chosen model ("a", then "b" when one is chosen) to the conversation's last user
+    turn: yields (state, status) as the reply grows. When a model cannot load or fails, the user turn is
+    marked failed (shown with the reason; kept out of what models see) so it can be retried or removed."""
+    st = copy.deepcopy(st)
+    if not st["a"] or st["a"][-1].speaker != "user" or st["a"][-1].failed:
+        yield st, gr.skip()  # nothing to answer (e.g. the message was refused): keep the status that says why
+        return
+    sides = [("a", choices[0])] + ([("b", choices[1])] if len(choices) > 1 and choices[1] not in (None, "", NONE) else [])
+    for side, choice in sides:
+        history = st[side]
+        try:
+            backend.model(choice)
+        except Exception as error:  # shown to the person; the session stays usable
+            history[-1].failed = f"cannot load {choice}: {error}"
+            yield st, f"**Cannot load {choice}:** {error}"
+            return
+        reply = ChatTurn("assistant", "", model=choice, settings=asdict(settings) | {"hsa": bool(hsa_on)})
+        history.append(reply)
+        try:
+            for piece in backend.stream(choice, history[:-1], system, settings, hsa_on):
+                reply.text += piece
+                yield st, f"{choice} is answering…"
+        except Exception as error:
+            history.pop()
+            reason = "ran out of memory" if is_out_of_memory(error) else f"failed: {error}"
+            history[-1].failed = f"{choice} {reason}"
+            yield st, f"**{choice} {reason}.** Try fewer tokens, a smaller image or model."
+            return
+    yield st, ""
+
+
+DEFAULT_MODEL_NOTE = (
+    "*The embedded models (default, composed, hybrid) are tiny models trained on one synthetic task, **shapes "
+    "scenes**: 1–3 circles, squares or triangles (red, green, blue or yellow) in a 2×2 grid, and questions about "
+    "their colour, kind, count and position. Any image is shrunk to that 56×56 grid; photos and other questions "
+    "get shapes-world answers. For a general VLM, give a checkpoint's path or hub id.*")
+STOPPED = "Stopped. The reply so far is kept; *Retry* asks again."
+
+
 def build(ctx: AppContext, backend: ChatBackend | None = None):
     """Lays out the tab; returns a function other tabs call to open a model here (e.g. a run)."""
     backend = backend or ChatBackend(ctx)
@@ -83,6 +123,7 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (sample)")
             num_beams = gr.Slider(2, 8, value=4, step=1, label="Beams (beam)")
             seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
+    gr.Markdown(DEFAULT_MODEL_NOTE, elem_id="chat-model-note")
     system = gr.Textbox("", label="System prompt (GLOBAL)", lines=1, placeholder="optional")
     with gr.Row():
         chat_a = gr.Chatbot(label="Model", height=460, elem_id="chat-a", buttons=["copy"])
@@ -93,19 +134,20 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
                                        elem_id="chat-input")
         role = gr.Radio(ROLE_CHOICES, value="global", label="Role of this message", scale=1)
     with gr.Row():
-        regenerate = gr.Button("Regenerate", size="sm")
-        edit_last = gr.Button("Edit last message", size="sm")
+        regenerate = gr.Button("Retry / regenerate", size="sm", elem_id="chat-retry")
+        remove_failed = gr.Button("Remove failed", size="sm", elem_id="chat-remove-failed")
+        edit_last = gr.Button("Edit last message", size="sm", elem_id="chat-edit")
         clear = gr.Button("Clear", size="sm")
     status = gr.Markdown(elem_id="chat-status")
     with gr.Accordion("Turns, roles and settings", open=False):
         table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
         with gr.Row():
             turn_index = gr.Number(0, precision=0, label="Turn #", minimum=0)
-            turn_role = gr.Radio(ROLE_CHOICES, value="noise", label="Mark as")
-            apply_role = gr.Button("Apply", size="sm")
+            turn_role = gr.Radio(ROLE_CHOICES, value="global", label="Mark as", elem_id="chat-turn-role")
+            apply_role = gr.Button("Apply", size="sm", elem_id="chat-apply-role")
         with gr.Row():
-            dataset = gr.Textbox("chat", label="Annotation dataset", scale=3)
-            to_annotate = gr.Button("Send to Annotate", scale=1)
+            dataset = gr.Textbox("chat", label="Annotation dataset", scale=3, elem_id="chat-dataset")
+            to_annotate = gr.Button("Send to Annotate", scale=1, elem_id="chat-to-annotate")
     decoding = [mode, max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed]
 
     def views(st):
@@ -123,44 +165,22 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
         return (*views(st), st, gr.MultimodalTextbox(value=None, interactive=False), "")
 
     def respond(st, choice_a, choice_b, system_value, hsa_on, *decoding_values, progress=gr.Progress()):
-        st = copy.deepcopy(st)
-        if not st["a"] or st["a"][-1].speaker != "user":
-            # nothing to answer (e.g. the message was refused): keep the status that says why
-            yield (*views(st), st, gr.skip())
-            return
         try:
             settings = make_settings(*decoding_values)
         except ValueError as error:
             yield (*views(st), st, f"**Cannot decode:** {error}")
             return
-        sides = [("a", choice_a)] + ([("b", choice_b)] if choice_b and choice_b != NONE else [])
-        for side, choice in sides:
-            history = st[side]
-            progress(0.1, desc=f"loading {choice}")
-            try:
-                backend.model(choice)
-            except Exception as error:  # shown to the person; the session stays usable
-                yield (*views(st), st, f"**Cannot load {choice}:** {error}")
-                return
-            reply = ChatTurn("assistant", "", model=choice, settings=asdict(settings) | {"hsa": bool(hsa_on)})
-            history.append(reply)
-            try:
-                for piece in backend.stream(choice, history[:-1], system_value, settings, hsa_on):
-                    reply.text += piece
-                    yield (*views(st), st, f"{choice} is answering…")
-            except Exception as error:
-                history.pop()
-                reason = "ran out of memory" if is_out_of_memory(error) else f"failed: {error}"
-                yield (*views(st), st, f"**{choice} {reason}.** Try fewer tokens, a smaller image or model.")
-                return
-        yield (*views(st), st, "")
+        progress(0.1, desc="answering")
+        for st, text in answer(backend, st, [choice_a, choice_b], system_value, hsa_on, settings):
+            yield (*views(st), st, text)
 
     def drop_last_reply(st):
-        st = copy.deepcopy(st)
-        for side in ("a", "b"):
-            while st[side] and st[side][-1].speaker == "assistant":
-                st[side].pop()
+        st = {side: retry_last(copy.deepcopy(st[side])) for side in ("a", "b")}
         return (*views(st), st)
+
+    def drop_failed(st):
+        st = {side: without_failed(copy.deepcopy(st[side])) for side in ("a", "b")}
+        return (*views(st), st, "")
 
     def take_back_last(st):
         st = copy.deepcopy(st)
@@ -203,17 +223,19 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
     reply_event = send.then(respond, [state, model_a, model_b, system, use_hsa, *decoding],
                             [*shown, state, status])
     reply_event.then(lambda: gr.MultimodalTextbox(interactive=True), None, message)
-    message.stop(None, None, None, cancels=[reply_event])
-    regenerate.click(drop_last_reply, state, [*shown, state]).then(
+    retry_event = regenerate.click(drop_last_reply, state, [*shown, state]).then(
         respond, [state, model_a, model_b, system, use_hsa, *decoding], [*shown, state, status])
+    # Stop ends the reply (the generation stops with its stream) and says so
+    message.stop(lambda: (STOPPED, gr.MultimodalTextbox(interactive=True)), None, [status, message],
+                 cancels=[reply_event, retry_event])
+    remove_failed.click(drop_failed, state, [*shown, state, status])
     edit_last.click(take_back_last, state, [*shown, state, message])
     for clearing in (clear.click, chat_a.clear, chat_b.clear):  # the Chatbots' own trash buttons too
         clearing(lambda: ([], [], [], {"a": [], "b": []}, ""), None, [*shown, state, status])
     apply_role.click(set_role, [state, turn_index, turn_role], [*shown, state])
     to_annotate.click(send_to_annotate, [state, system, dataset], status)
     model_b.change(lambda choice: gr.Chatbot(visible=choice not in (None, "", NONE)), model_b, chat_b)
-    refresh.click(lambda: (gr.Dropdown(choices=backend.model_choices()),
-                           gr.Dropdown(choices=[NONE, *backend.model_choices()])), None, [model_a, model_b])
+    refresh.click(lambda: refresh_models(), None, [model_a, model_b])
 
     # Scripting: Client(url).predict({"text": ..., "files": [handle_file(...)]}, api_name="/chat")
     with gr.Row(visible=False):
@@ -254,4 +276,19 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
         choices = backend.model_choices()
         return gr.Dropdown(choices=choices if choice in choices else [*choices, choice], value=choice)
 
-    return model_a, open_model
+    def refresh_models():
+        """The pickers' choices now (runs finished since the page was opened included)."""
+        choices = backend.model_choices()
+        return gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices])
+
+    return ChatTab(model=model_a, open_model=open_model, pickers=[model_a, model_b], refresh=refresh_models)
+
+
+@dataclass
+class ChatTab:
+    """What app.py wires: `open_model(choice)` selects a model here, `refresh` re-lists the models
+    (when the tab is opened) into `pickers`."""
+    model: gr.Dropdown
+    open_model: object
+    pickers: list
+    refresh: object
