@@ -362,7 +362,13 @@ class Annotator:
         files = [f for f in (files if isinstance(files, (list, tuple)) else [files]) if f]
         if not files:
             return "Choose a JSON or JSONL file (with its images), or a .zip of records and images, first.", current
-        staging = Path(self.exports_dir or ".").parent / "tmp" / f"upload-{time.strftime('%Y%m%d-%H%M%S')}-{id(files):x}"
+        import tempfile
+
+        # unpacked beside the exports (the workspace's tmp), removed once imported
+        scratch = Path(self.exports_dir).parent / "tmp" if self.exports_dir else None
+        if scratch:
+            scratch.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="upload-", dir=scratch))
         try:
             report = import_upload(self.store, [(f, Path(f).name) for f in map(str, files)], dataset, staging,
                                    author=(author or "").strip() or "import", progress=progress)
