@@ -74,9 +74,46 @@ def test_the_entry_point_refuses_a_bad_config_before_loading_anything(tmp_path):
 
 def test_check_prints_the_resolved_config(tmp_path):
     config = tmp_path / "ok.json"
+    (tmp_path / "data.json").write_text("[]")
     config.write_text(json.dumps({"dataset": "data.json", "output_dir": "runs/x", "max_steps": 3, "hsa": True}))
     result = subprocess.run([sys.executable, "-m", "workbench.train", str(config), "--check"], cwd=tmp_path,
                             capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)
     assert resolved["output_dir"] == str(tmp_path / "runs" / "x") and resolved["hsa"] is True
+
+
+def check(config_file: Path, cwd: Path):
+    return subprocess.run([sys.executable, "-m", "workbench.train", str(config_file), "--check"], cwd=cwd,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+
+
+def test_check_refuses_what_cannot_run_and_paths_are_the_files(tmp_path):
+    """Issue 20.8: a missing dataset, an unknown store dataset, a missing base model and LoRA targets that
+    match no module are refused by --check (the base model's config is read, not its weights); relative
+    paths in a config file are relative to the file's folder, not to where the command runs."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "data.json").write_text("[]")
+    ok = folder / "ok.json"
+    ok.write_text(json.dumps({"dataset": "data.json", "max_steps": 1}))
+    result = check(ok, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dataset"] == str(folder / "data.json")
+    from workbench.store import Store
+
+    with Store(tmp_path / "wb.db"):
+        pass
+    for config, reason in [
+        ({"dataset": "missing.json"}, f"dataset file {folder / 'missing.json'} does not exist"),
+        ({"dataset": "store:nope", "store_db": str(tmp_path / "wb.db")}, "store dataset 'nope' has no conversations"),
+        ({"dataset": "store:nope", "store_db": str(tmp_path / "gone.db")}, "gone.db does not exist"),
+        ({"dataset": "data.json", "base_model": str(tmp_path / "no-model")}, f"not found: {tmp_path / 'no-model'}"),
+        ({"dataset": "data.json", "lora_target": ["q_proj", "qkv"]}, "lora_target qkv matches no module"),
+    ]:
+        bad = folder / "bad.json"
+        bad.write_text(json.dumps(config))
+        t0 = time.monotonic()
+        result = check(bad, cwd=tmp_path)
+        assert result.returncode == 2 and reason in result.stderr, (config, result.stderr)
+        assert time.monotonic() - t0 < 60

@@ -16,6 +16,7 @@ from workbench.ui.context import AppContext
 @pytest.fixture
 def ctx(tmp_path):
     context = AppContext.create(tmp_path / "ws")
+    (context.workspace / "shapes.json").write_text("[]")  # the form's dataset (runs here never read it)
     yield context
     manager = tab.manager_of(context)
     manager.close()
@@ -71,6 +72,27 @@ def test_start_refuses_a_bad_config_without_creating_a_run(ctx):
     run_id, text = tab.start_run(ctx, form(finetuning="full", quantization="4bit"))
     assert run_id is None and "needs finetuning 'lora'" in text
     assert tab.manager_of(ctx).list() == []
+
+
+def test_start_refuses_what_cannot_run_up_front(ctx):
+    """Issue 20.8: no run is started (to fail 10-18 s later) for a missing dataset file, an unknown store
+    dataset, a missing base model or LoRA targets that match no module; the preview says the same."""
+    from workbench.store import Store
+
+    with Store(ctx.db_path):
+        pass
+    for values, reason in [
+        (form(dataset="nope.json"), "nope.json does not exist"),
+        (form(dataset="store:nope"), "store dataset 'nope' has no conversations"),
+        (form(base_model=str(ctx.workspace / "no-model")), "not found:"),
+        (form(lora_target="q_proj, qkv_proj"), "lora_target qkv_proj matches no module"),
+    ]:
+        run_id, text = tab.start_run(ctx, values)
+        assert run_id is None and reason in text, (values, text)
+        assert reason in tab.preview(ctx, values)[2]
+    assert tab.manager_of(ctx).list() == []
+    config, _ = tab.form_config(ctx, form())  # the run's config file says where the dataset is
+    assert config["dataset"] == str(ctx.workspace / "shapes.json")
 
 
 def write_metrics_script(n: int, adapter: bool) -> list[str]:

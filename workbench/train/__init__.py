@@ -2,7 +2,8 @@
 
 Under several processes: `torchrun --nproc_per_node=2 -m workbench.train CONFIG.json` (or
 `accelerate launch -m workbench.train CONFIG.json`)."""
-from .config import DEFAULT_MODEL, KEYS, ConfigError, TrainConfig, defaults, load_config_file, parse_config
+from .config import (DEFAULT_MODEL, KEYS, ConfigError, TrainConfig, check_inputs, defaults, load_config_file,
+                     parse_config)
 
 __all__ = ["TrainConfig", "ConfigError", "parse_config", "load_config_file", "defaults", "KEYS", "DEFAULT_MODEL",
            "train", "main"]
@@ -16,16 +17,21 @@ def train(config: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    from pathlib import Path
     import json
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m workbench.train",
                                      description="Fine-tune a VLM (LoRA / QLoRA / full) under the HSA mask.")
     parser.add_argument("config", help="a .json or .yaml config")
-    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and what it points at (dataset, base model, LoRA targets), "
+                             "print it resolved, and exit")
     args = parser.parse_args(argv)
     try:
-        config = parse_config(load_config_file(args.config))
+        # relative paths in the file are relative to the file's folder, wherever the command runs
+        config = parse_config(load_config_file(args.config), base_dir=Path(args.config).resolve().parent)
+        check_inputs(config)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2

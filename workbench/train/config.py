@@ -342,3 +342,92 @@ def load_config_file(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is an object of keys, got {type(raw).__name__}")
     return raw
+
+
+def check_inputs(c: TrainConfig) -> None:
+    """What a resolved config points at, checked before a run starts: the dataset file or store dataset,
+    the base model (its config, read without its weights) and the LoRA targets among its modules.
+    Raises ConfigError naming every problem found."""
+    problems: list[str] = []
+    if c.store_dataset is None:
+        if not Path(c.dataset).is_file():
+            problems.append(f"dataset file {c.dataset} does not exist")
+    else:
+        _check_store_dataset(c, problems)
+    found = model_config(c.base_model)
+    if found is None:
+        from models.vlm.hub import ModelNotFound, locate
+
+        try:
+            locate(c.base_model)  # a hub id that is not cached yet, with the hub reachable: the run downloads it
+        except ModelNotFound as error:
+            problems.append(f"base_model: {error}")
+        else:
+            if Path(c.base_model).exists():
+                problems.append(f"base_model {c.base_model} has no readable config.json: not a model directory")
+    elif c.stage == "sft" and c.finetuning == "lora" and c.lora_target != "all-linear":
+        unmatched = unmatched_lora_targets(found, c.lora_target)
+        if unmatched:
+            problems.append(unmatched)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
+    import os
+
+    db = c.store_db or os.environ.get("WORKBENCH_DB", "")
+    if not db:
+        problems.append(f"dataset {c.dataset!r} is in the annotation store, but no store_db was given")
+        return
+    if not Path(db).is_file():
+        problems.append(f"annotation database {db} does not exist")
+        return
+    from workbench.store.db import Store
+
+    with Store(db) as store:
+        try:
+            if store.conversation_ids(c.store_dataset):
+                return
+        except ValueError:  # the store's NotFoundError: no dataset of that name
+            pass
+        names = [getattr(d, "name", str(d)) for d in store.datasets()]
+    known = f" (datasets: {', '.join(names)})" if names else " (the store has no datasets)"
+    problems.append(f"store dataset {c.store_dataset!r} has no conversations{known}")
+
+
+def unmatched_lora_targets(found: dict, targets: list[str]) -> str:
+    """'' when LoRA's target modules are found in the model the config describes (built on the meta device:
+    no weights read), else a message naming those that match nothing. Given targets must each match a module
+    of the language model; the default list needs one match (models name their projections differently)."""
+    import re
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    import models.hybrid  # noqa: F401  (registers the hybrid's model type)
+
+    try:
+        config = AutoConfig.for_model(**found)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = AutoModelForImageTextToText.from_config(config)
+            except ValueError:
+                model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture this check cannot build: the run will say
+        return ""
+    exclude = re.compile(LORA_EXCLUDE)
+    names = [name for name, _ in model.named_modules() if name and not exclude.fullmatch(name)]
+    matched = {t for t in targets if any(n == t or n.endswith("." + t) for n in names)}
+    if targets == DEFAULT_LORA_TARGETS:
+        missing = [] if matched or is_hybrid(found) else targets
+    else:
+        missing = [t for t in targets if t not in matched]
+    if not missing:
+        return ""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if n and not exclude.fullmatch(n) and isinstance(m, torch.nn.Linear)})
+    return (f"lora_target {', '.join(missing)} match{'es' if len(missing) == 1 else ''} no module of the base "
+            f"model; its linear layers are named {', '.join(leaves[:20])}")

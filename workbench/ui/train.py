@@ -20,7 +20,7 @@ import gradio as gr
 
 from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
 from workbench.jobs.manager import CONFIG_NAME
-from workbench.train.config import SCHEDULERS, ConfigError, defaults, parse_config
+from workbench.train.config import SCHEDULERS, ConfigError, check_inputs, defaults, parse_config
 from workbench.train.run import ADAPTER_DIR, GATE_STATS, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
 
@@ -97,6 +97,11 @@ def form_config(ctx: AppContext, values: dict) -> tuple[dict, int]:
                     "dataset": (values.get("dataset") or "").strip()}
     if config["dataset"].startswith("store:"):
         config["store_db"] = str(ctx.db_path)
+    elif config["dataset"]:  # a path in the workspace: stored absolute, as the run's config file must say
+        config["dataset"] = str((ctx.workspace / Path(config["dataset"]).expanduser()).resolve())
+    local_model = ctx.workspace / config["base_model"]
+    if not Path(config["base_model"]).is_absolute() and local_model.exists():
+        config["base_model"] = str(local_model.resolve())
     stage = values.get("stage") or "sft"
     if stage == "align":  # the projector alone: no fine-tuning method, LoRA or quantization keys apply
         config["stage"] = "align"
@@ -144,7 +149,7 @@ def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
         return "", "", f"**Cannot start:** {e}"
     problems = ""
     try:
-        parse_config(config, base_dir=ctx.workspace)
+        check_inputs(parse_config(config, base_dir=ctx.workspace))
     except ConfigError as e:
         problems = f"**Cannot start:** {e}"
     manager = manager_of(ctx)
@@ -164,7 +169,7 @@ def start_run(ctx: AppContext, values: dict, name: str = "") -> tuple[int | None
     naming the keys, before any process starts."""
     try:
         config, nproc = form_config(ctx, values)
-        parse_config(config, base_dir=ctx.workspace)
+        check_inputs(parse_config(config, base_dir=ctx.workspace))
         run = manager_of(ctx).submit(config, name=name.strip() or None, nproc=nproc)
     except (ConfigError, ValueError, TypeError) as e:
         return None, f"**Not started:** {e}"
@@ -289,8 +294,8 @@ def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int
         source = manager.get(int(run_id))
         from workbench.jobs import deep_merge
 
-        parse_config(deep_merge(source.config, {"output_dir": None, "resume": None, **edits}),
-                     base_dir=source.workdir)
+        check_inputs(parse_config(deep_merge(source.config, {"output_dir": None, "resume": None, **edits}),
+                                  base_dir=source.workdir))
         run = manager.clone(int(run_id), edits)
     except (json.JSONDecodeError, ValueError) as e:
         return None, f"**Not cloned:** {e}"
