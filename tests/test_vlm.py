@@ -141,3 +141,49 @@ def test_a_missing_model_is_named_at_once_and_the_hub_is_tried_once(monkeypatch,
         load_vlm("someone/other-model")
     assert time.monotonic() - start < 1.0  # remembered
     hub.reset()
+
+
+def test_the_default_processor_is_a_qwen2vl_processor_and_any_image_is_its_grid(tmp_path):
+    """Issue 20.12/20.13: the default model's processor saves and loads as a Qwen2-VL processor (no other
+    family's, no deprecation warning), and any image becomes the 2x2 token grid the model was trained on,
+    so a shapes scene drawn at 224x224 is answered as at 56x56."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from models.vlm import load_processor
+    from models.zoo.shapes import Scene, Shape, draw_scene
+
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        assert json.loads((DEFAULT_DIR / name).read_text())["processor_class"] == "Qwen2VLProcessor"
+    code = "from models.vlm import load_processor; print(type(load_processor(%r)).__mro__[1].__name__)" % str(DEFAULT_DIR)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=DEFAULT_DIR.parents[2])
+    assert done.stdout.strip() == "Qwen2VLProcessor" and "deprecated" not in done.stderr, done.stderr
+    processor = load_processor(str(DEFAULT_DIR))
+    for size in ((224, 224), (500, 300), (30, 30)):
+        out = processor(images=[Image.new("RGB", size, "white")], text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                        return_tensors="pt")
+        assert out["image_grid_thw"].tolist() == [[1, 4, 4]], size
+    model, processor = load_vlm(DEFAULT_DIR)
+    big = draw_scene(Scene((Shape("circle", "red", "top left"),), seed=3)).resize((224, 224), Image.NEAREST)
+    path = tmp_path / "big.png"
+    big.save(path)
+    record = {"conversations": [{"from": "human", "value": "<image>What color is the circle?"}], "images": [str(path)]}
+    assert generate_reply(model, processor, record) == "The circle is red."
+
+
+def test_a_training_run_log_has_no_bitsandbytes_kernels_warning():
+    """Issue 20.12: importing the training code and peft (which imports bitsandbytes) logs nothing about
+    the optional `kernels` package."""
+    import subprocess
+    import sys
+
+    from models.zoo import ZOO_DIR
+
+    done = subprocess.run([sys.executable, "-c", "import workbench.train.run, peft, bitsandbytes"], capture_output=True,
+                          text=True, timeout=180, cwd=ZOO_DIR.parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "kernels" not in done.stderr

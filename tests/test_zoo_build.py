@@ -265,7 +265,7 @@ def test_build_command_makes_a_loadable_checkpoint(tmp_path):
     clean, noisy = json.loads((out / "build.json").read_text())["stages"]
     assert (clean["steps"], clean["noise"]["rate"]) == (3, 0.0)
     assert (noisy["steps"], noisy["hsa"], noisy["noise"]["rate"]) == (2, True, shapes.TRAIN_NOISE.rate)
-    assert "Qwen2VLForConditionalGeneration PaddleOCRVLProcessor torch.float32" in load_in_fresh_interpreter(out)
+    assert "Qwen2VLForConditionalGeneration ImageOnlyQwen2VLProcessor torch.float32" in load_in_fresh_interpreter(out)
 
 
 def test_committed_default_model_is_small():

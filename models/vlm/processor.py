@@ -24,10 +24,51 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
         self.video_processor = None
 
+    def to_dict(self) -> dict:
+        # saved as what it is to every other reader: a Qwen2-VL processor (which loads it with its video part
+        # where torchvision is installed, and load_processor without it where not)
+        return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        import json
+        from pathlib import Path
+
+        for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+            path = Path(save_directory) / name
+            if path.is_file():
+                data = json.loads(path.read_text())
+                if data.get("processor_class") == type(self).__name__:
+                    data["processor_class"] = "Qwen2VLProcessor"
+                    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        return saved
+
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is not None:
             raise ValueError("videos need torchvision, which is not installed; this processor handles images only")
-        return super().__call__(images=images, text=text, **kwargs)
+        return super().__call__(images=self._fixed_grid(images), text=text, **kwargs)
+
+    def _fixed_grid(self, images):
+        """With a fixed pixel budget (min = max pixels, as the embedded default is saved), every image is
+        first made the square of that many pixels, so that its token grid is the one the model knows
+        whatever the image's size or shape (Qwen2-VL would otherwise keep the aspect ratio)."""
+        size = getattr(self.image_processor, "size", None) or {}
+        low, high = (size.get("shortest_edge"), size.get("longest_edge")) if isinstance(size, dict) else \
+            (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+        if images is None or not low or low != high:
+            return images
+        from PIL import Image
+
+        side = int(round(low ** 0.5))
+
+        def square(image):
+            if isinstance(image, Image.Image) and image.size != (side, side):
+                return image.convert("RGB").resize((side, side), Image.BICUBIC)
+            if isinstance(image, (list, tuple)):
+                return type(image)(square(i) for i in image)
+            return image
+
+        return square(images)
 
 
 def qwen_image_processor(**kwargs):
@@ -57,8 +98,11 @@ def load_processor(path_or_id: str, **kwargs):
         if getattr(processor, "image_processor", None) is not None or \
                 _model_type(path_or_id, **kwargs) not in QWEN_VL_TYPES:
             return processor
-    except ImportError as error:
-        if "torchvision" not in str(error).lower() or _model_type(path_or_id, **kwargs) not in QWEN_VL_TYPES:
+    except (ImportError, OSError) as error:
+        # no torchvision for the video processor, or a checkpoint saved without one (images only)
+        reason = str(error).lower()
+        if not ("torchvision" in reason or "video processor" in reason) or \
+                _model_type(path_or_id, **kwargs) not in QWEN_VL_TYPES:
             raise
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -5,19 +5,18 @@ trained with the `tokenizers` library on shapes conversations, with Qwen2-VL's s
 its ChatML chat template. The processor uses Qwen2-VL's image processor (PIL implementation) with
 the pixel budget of a 56x56 image, so any picture becomes at most four image tokens.
 
-Why the processor class is `PaddleOCRVLProcessor`: `Qwen2VLProcessor` always loads a video
-processor, and transformers' Qwen2-VL video processor needs torchvision, which this CPU
-environment lacks. `PaddleOCRVLProcessor` is transformers' image-only processor with the same
-contract (Qwen2-VL image processor, `<|image_pad|>` repeated grid_t*grid_h*grid_w/merge_size**2
-times, `mm_token_type_ids`); for images its output is token-for-token that of `Qwen2VLProcessor`
-(tests/test_zoo_processor.py checks it). So `AutoProcessor.from_pretrained(dir)` loads the default
-model's processor in a fresh interpreter, with or without torchvision.
+The processor is saved as a `Qwen2VLProcessor` (what the model is). transformers' Qwen2-VL video
+processor needs torchvision, which this CPU environment lacks; `models.vlm.load_processor` then
+assembles the same processor without its video part (`ImageOnlyQwen2VLProcessor`), and with
+torchvision `AutoProcessor` loads it as it is. Its pixel budget is saved as `min_pixels` =
+`max_pixels` = 56x56, so any image, whatever its size, becomes the 2x2 token grid the model was
+trained on.
 """
 from __future__ import annotations
 
-from transformers import PaddleOCRVLProcessor, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from models.vlm.processor import qwen_image_processor
+from models.vlm.processor import ImageOnlyQwen2VLProcessor, qwen_image_processor
 
 from . import shapes
 
@@ -78,9 +77,9 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE, seed: int = 0) -> PreTrainedTo
     return tokenizer
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> PaddleOCRVLProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> ImageOnlyQwen2VLProcessor:
     tokenizer = tokenizer or build_tokenizer()
     image_processor = qwen_image_processor(min_pixels=IMAGE_PIXELS, max_pixels=IMAGE_PIXELS, patch_size=14,
                                            merge_size=2, temporal_patch_size=2, image_mean=IMAGE_MEAN,
                                            image_std=IMAGE_STD)
-    return PaddleOCRVLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)

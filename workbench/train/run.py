@@ -9,10 +9,15 @@ attention reads `semantic_ids` from its keyword arguments (models.hsa). Works th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
 from pathlib import Path
+
+# bitsandbytes (imported by peft) warns at import, on CPUs with AVX512-BF16, that the optional `kernels`
+# package for its CPU 4-bit kernel is missing: noise in every run's log, whatever the run quantizes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
