@@ -144,3 +144,29 @@ def test_cancel_resume_clone_and_chat_messages(ctx):
     new_id, text = tab.clone_run(ctx, sleeper.id, '{"dataset": "d.json", "lr": 2.0}')
     assert new_id is None and "unknown key 'lr'" in text  # the clone of a custom run is still checked
     assert tab.clone_run(ctx, sleeper.id, "[1]")[0] is None
+
+
+def test_resume_says_whether_a_checkpoint_is_there_and_cancel_saves_one(ctx):
+    """Issue 20.9: Resume does not promise a checkpoint that is not there; a cancelled run stops after its
+    step with a checkpoint (SaveOnCancel), which Resume then names. 20.10: cancelling clears 'is running'."""
+    from transformers import TrainerControl
+
+    from workbench.train.run import SaveOnCancel
+
+    manager = tab.manager_of(ctx)
+    run = manager.wait(manager.submit({"dataset": "x"}, command=[sys.executable, "-c", "pass"]).id)
+    with manager._write() as db:  # a training run (resume refuses custom commands)
+        db.execute("UPDATE runs SET launcher = 'train' WHERE id = ?", (run.id,))
+    text = tab.resume_run(manager, run.id)
+    assert "no checkpoint" in text and "starts from the beginning" in text
+    manager.cancel(run.id)
+    manager.wait(run.id)
+    (run.output_dir / "checkpoint-2").mkdir(parents=True)
+    (run.output_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert "continues from checkpoint-2" in tab.resume_run(manager, run.id)
+    cancel, control = SaveOnCancel(), TrainerControl()
+    cancel.on_step_end(None, None, control)
+    assert not control.should_save and not control.should_training_stop
+    cancel.ask()
+    cancel.on_step_end(None, None, control)
+    assert control.should_save and control.should_training_stop

@@ -269,6 +269,30 @@ class MetricsCallback(TrainerCallback):
         print(f"[metrics] {shown}", flush=True)
 
 
+class SaveOnCancel(TrainerCallback):
+    """Cancelling a run (SIGTERM to its process group) ends it after the current step with a checkpoint,
+    within the run manager's grace period, so that Resume continues from there."""
+
+    def __init__(self):
+        self.asked = False
+
+    def install(self) -> "SaveOnCancel":
+        import signal
+
+        signal.signal(signal.SIGTERM, self.ask)
+        return self
+
+    def ask(self, *_):
+        self.asked = True
+        print("cancel: saving a checkpoint after this step, then stopping", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.asked:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 # ---- the run ----------------------------------------------------------------------------------
 
 def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
@@ -354,10 +378,15 @@ def train(config: TrainConfig) -> dict:
         train_dataset=Records(train_records), eval_dataset=Records(eval_records) if eval_records else None,
         data_collator=Collator(processor, image_root=config.image_root or None, max_length=config.max_length,
                                hsa=config.hsa),
-        callbacks=[MetricsCallback(out / METRICS_FILE, config.batch_size * config.grad_accum * world)],
+        callbacks=[MetricsCallback(out / METRICS_FILE, config.batch_size * config.grad_accum * world),
+                   (cancel := SaveOnCancel().install())],
     )
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one line per log instead
     result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
+    if cancel.asked:
+        print(f"cancelled at step {trainer.state.global_step}; Resume continues from "
+              f"{last_complete_checkpoint(out) or 'the beginning'}", flush=True)
+        raise SystemExit(143)
     if eval_records:
         trainer.evaluate()
 

@@ -275,11 +275,16 @@ def cancel_run(manager: RunManager, run_id: int | None) -> str:
 def resume_run(manager: RunManager, run_id: int | None) -> str:
     if run_id is None:
         return "Select a run to resume."
+    from workbench.train.run import last_complete_checkpoint
+
     try:
         run = manager.resume(int(run_id))
     except ValueError as e:
         return f"**Cannot resume:** {e}"
-    return f"Run {run.id} is {run.status} again; it continues from its last checkpoint."
+    checkpoint = last_complete_checkpoint(run.output_dir) if run.output_dir.is_dir() else None
+    if checkpoint is None:
+        return f"Run {run.id} is {run.status} again; it has no checkpoint, so it starts from the beginning."
+    return f"Run {run.id} is {run.status} again; it continues from {Path(checkpoint).name}."
 
 
 def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int | None, str]:
@@ -507,7 +512,8 @@ def build(ctx: AppContext) -> TrainTab:
                 start_button = gr.Button("Start", variant="primary", elem_id="train-start")
             message = gr.Markdown(elem_id="train-message")
         with gr.Column(scale=2):
-            command_box = gr.Code(label="Command", language="shell", interactive=False, elem_id="train-command")
+            command_box = gr.Code(label="Command", language="shell", interactive=False, elem_id="train-command",
+                                  wrap_lines=True)
             config_box = gr.Code(label="Config", language="json", interactive=False, elem_id="train-config")
 
     gr.Markdown("### Runs")
@@ -575,7 +581,7 @@ def build(ctx: AppContext) -> TrainTab:
         return (runs_rows(manager), gr.update(choices=run_choices(manager)), *view)
 
     def on_cancel(run_id):
-        return cancel_run(manager, run_id)
+        return cancel_run(manager, run_id), ""  # "Run N is running." no longer holds
 
     def on_resume(run_id):
         return resume_run(manager, run_id)
@@ -608,8 +614,11 @@ def build(ctx: AppContext) -> TrainTab:
     runs_table.select(on_select_row, runs_table, selected)
     view_outputs = [summary, plot, log, run_config, gates_plot]
     selected.change(lambda run_id: run_view(manager, run_id), selected, view_outputs)
+    # the log tail shows its newest lines: scrolled to the end whenever it changes
+    log.change(None, None, None, js="() => { const t = document.querySelector('#train-log textarea');"
+                                     " if (t) t.scrollTop = t.scrollHeight; }")
     timer.tick(on_refresh, selected, [runs_table, selected, *view_outputs], show_progress="hidden")
-    cancel_button.click(on_cancel, selected, action)
+    cancel_button.click(on_cancel, selected, [action, message])
     resume_button.click(on_resume, selected, action)
     clone_button.click(on_clone, [selected, edits], [action, selected])
     chat_button.click(on_chat, selected, [action, chat_model])
