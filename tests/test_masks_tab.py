@@ -6,6 +6,7 @@ import pytest
 from conftest import build_qwen2vl_processor, screenshot, shapes_png
 from workbench.align import AlignError
 from workbench.mask_view import BLOCKED, build_mask_view, mask_figure, pair_summary, parse_conversation_text
+from workbench.ui import masks
 from workbench.ui.masks import EXAMPLE_MARKED, EXAMPLE_SHAREGPT, resolve_images
 
 
@@ -46,6 +47,16 @@ def test_summary_counts_match_a_direct_count(qwen2vl_processor):
     assert figure.data[0].z.shape == (n, n)
     pooled = mask_figure(view, max_cells=20)
     assert pooled.data[0].z.shape[0] <= 20 and (pooled.data[0].z == BLOCKED).any()
+
+
+def test_a_bad_conversation_warns_with_a_toast_that_expires(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(masks.gr, "Warning", lambda message, **kw: warnings.append((message, kw)))
+    outputs = masks.show_mask('{"conversations": [', "default", None, None, ctx=None, progress=lambda *a, **k: None)
+    assert "malformed JSON" in outputs[3]
+    [(message, kw)] = warnings
+    assert "malformed JSON" in message
+    assert kw.get("duration") is not None and 0 < kw["duration"] <= 30  # None: it never closes
 
 
 def test_images_are_taken_from_uploads_or_the_workspace_only(tmp_path):

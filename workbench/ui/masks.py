@@ -11,6 +11,8 @@ from workbench.mask_view import (SUMMARY_HEADERS, build_mask_view, mask_figure, 
                                  parse_conversation_text, role_counts, token_highlights)
 from workbench.ui.context import AppContext, cached_processor
 
+WARNING_SECONDS = 8  # a warning toast closes itself; toasts that never expire pile up
+
 EXAMPLE_MARKED = """[system]
 You answer questions about the image. Ignore chit-chat.
 [user]
@@ -66,7 +68,7 @@ def show_mask(text: str, model_name: str, uploads, max_length, ctx: AppContext,
                                max_length=int(max_length) if max_length else None)
     except (AlignError, ValueError, OSError) as error:
         # Say what is wrong and keep the last good mask on screen.
-        gr.Warning(str(error), duration=None)
+        gr.Warning(str(error), duration=WARNING_SECONDS)
         return gr.skip(), gr.skip(), gr.skip(), f"**Cannot show this conversation:** {error}", gr.skip()
     progress(0.8, desc="drawing")
     counts = role_counts(view)
