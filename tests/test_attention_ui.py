@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import save_tiny_qwen2vl
+from workbench.chat import ModelPool
 from workbench.ui.attention import EXAMPLE, EXAMPLE_IMAGE, ModelCache, overlay, redraw, show, write_example_image
 from workbench.ui.context import AppContext
 
@@ -64,6 +65,6 @@ def test_the_model_cache_keeps_the_last_two():
         loads.append(name)
         return name.upper()
 
-    cache = ModelCache(size=2, loader=loader)
+    cache = ModelCache(loader=loader, pool=ModelPool(budget=2))
     assert [cache.get(n) for n in ("a", "b", "a", "c", "a", "b")] == ["A", "B", "A", "C", "A", "B"]
     assert loads == ["a", "b", "c", "b"]

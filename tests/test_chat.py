@@ -1,5 +1,8 @@
 """The Chat tab's logic without a browser: turns, checks on input, the model pool, the API."""
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
@@ -7,8 +10,8 @@ from PIL import Image
 from conftest import shapes_png
 from models.hsa import GLOBAL, LANDMARK, NOISE
 from workbench.align import normalize_record
-from workbench.chat import (ChatInputError, ChatTurn, ModelPool, display_messages, finished_runs,
-                            history_from_api, to_record, turns_table, user_turn)
+from workbench.chat import (ChatInputError, ChatTurn, ModelPool, display_messages, finished_runs, history_from_api,
+                            shared_pool, to_record, turns_table, user_turn, vlm_key)
 
 
 def test_user_turn_checks_what_people_send(tmp_path):
@@ -56,12 +59,82 @@ def test_api_history_formats():
 
 def test_model_pool_keeps_at_most_its_budget():
     loads = []
-    pool = ModelPool(lambda name, adapter: loads.append((name, adapter)) or (name, adapter), budget=2)
-    pool.get("a"), pool.get("b"), pool.get("a"), pool.get("c")
-    assert pool.loaded() == [("a", None), ("c", None)]  # b was the least recently used
-    pool.get("b", "adapter")
+
+    def get(pool, name, adapter=None):
+        return pool.get(vlm_key(name, adapter), lambda: loads.append((name, adapter)) or (name, adapter))
+
+    pool = ModelPool(budget=2)
+    get(pool, "a"), get(pool, "b"), get(pool, "a"), get(pool, "c")
+    assert pool.loaded() == [vlm_key("a"), vlm_key("c")]  # b was the least recently used
+    get(pool, "b", "adapter")
     assert loads == [("a", None), ("b", None), ("c", None), ("b", "adapter")]
     assert len(pool.loaded()) == 2
+
+
+def test_two_different_models_load_at_the_same_time():
+    pool, both_loading = ModelPool(budget=2), threading.Barrier(2, timeout=5)
+
+    def load(name):
+        both_loading.wait()  # each load waits for the other: under one lock this would time out
+        return name.upper()
+
+    with ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(lambda n: pool.get(vlm_key(n), lambda: load(n)), ["a", "b"]))
+    assert results == ["A", "B"]
+    assert sorted(pool.loaded()) == [vlm_key("a"), vlm_key("b")]
+
+
+def test_the_same_model_asked_for_twice_at_once_loads_once():
+    pool, loads, release = ModelPool(budget=2), [], threading.Event()
+
+    def load():
+        loads.append("a")
+        release.wait(5)
+        return object()
+
+    with ThreadPoolExecutor(4) as threads:
+        futures = [threads.submit(pool.get, vlm_key("a"), load) for _ in range(4)]
+        time.sleep(0.2)  # all four are asking while the first load is under way
+        release.set()
+        results = [f.result(timeout=5) for f in futures]
+    assert loads == ["a"]
+    assert all(r is results[0] for r in results)
+
+
+def test_a_failed_load_is_reported_to_every_waiter_and_not_kept():
+    pool, release = ModelPool(), threading.Event()
+
+    def broken():
+        release.wait(5)
+        raise OSError("not found: /nowhere")
+
+    with ThreadPoolExecutor(2) as threads:
+        futures = [threads.submit(pool.get, vlm_key("/nowhere"), broken) for _ in range(2)]
+        time.sleep(0.2)
+        release.set()
+        for f in futures:
+            with pytest.raises(OSError, match="not found"):
+                f.result(timeout=5)
+    assert pool.loaded() == []
+    assert pool.get(vlm_key("/nowhere"), lambda: "loaded") == "loaded"  # the next request tries again
+
+
+def test_every_tab_loads_through_one_shared_pool(tmp_path, monkeypatch):
+    from workbench.ui import annotate
+    from workbench.ui.attention import ModelCache
+    from workbench.ui.chat import ChatBackend
+    from workbench.ui.context import AppContext
+
+    pool = shared_pool()
+    assert shared_pool() is pool
+    ctx = AppContext.create(tmp_path / "ws", default_model=tmp_path / "model")
+    assert ChatBackend(ctx).pool is pool
+    assert ModelCache().pool is pool
+    # Annotate's model (eager attention) is one more entry of the same pool, under the same budget
+    import models.vlm.loading as loading
+    monkeypatch.setattr(loading, "load_vlm", lambda path, **kw: ("model", kw["attn_implementation"]))
+    assert annotate._model_loader(ctx)("default") == ("model", "eager")
+    assert vlm_key(ctx.resolve_model("default"), None, "eager") in pool.loaded()
 
 
 def test_finished_runs_are_found_by_their_adapters(tmp_path):

@@ -6,8 +6,10 @@ role for HSA and, for replies, the model and decoding settings that produced it.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,29 +159,68 @@ TABLE_HEADERS = ["#", "speaker", "HSA role", "text", "images", "model", "setting
 
 
 class ModelPool:
-    """Loaded models shared by all sessions, at most `budget` at once (least recently used leaves).
-    `loader(name, adapter)` returns (model, processor)."""
+    """Loaded models shared by every tab and session, at most `budget` at once (the least recently
+    used leaves). A model is keyed by what makes it differ, e.g. (path, adapter, attn_implementation);
+    `get(key, load)` calls `load()` when the key is not loaded yet.
 
-    def __init__(self, loader, budget: int = 2):
-        self.loader, self.budget = loader, max(1, budget)
+    Loading happens outside the lock: two different models load at the same time, while a second
+    request for a model that is loading waits for that load instead of starting another. A failed
+    load is not kept: the next request tries again."""
+
+    def __init__(self, budget: int = 3):
+        self.budget = max(1, budget)
         self._models: OrderedDict = OrderedDict()
+        self._loading: dict = {}  # key -> Future of the load in progress
         self._lock = threading.Lock()
 
-    def get(self, name: str, adapter: str | None = None):
-        key = (name, adapter or None)
+    def get(self, key, load):
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
+            pending = self._loading.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._loading[key] = Future()
+        if not owner:
+            return pending.result()  # the other request's model, or its error
+        try:
+            loaded = load()
+        except BaseException as error:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(error)
+            raise
+        with self._lock:
+            del self._loading[key]
             while len(self._models) >= self.budget:
                 self._models.popitem(last=False)
-            loaded = self.loader(name, adapter)
             self._models[key] = loaded
-            return loaded
+        pending.set_result(loaded)
+        return loaded
 
-    def loaded(self) -> list[tuple[str, str | None]]:
+    def loaded(self) -> list:
         with self._lock:
             return list(self._models)
+
+
+_shared_pool: ModelPool | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool() -> ModelPool:
+    """The process's one model pool (Chat, Attention and Annotate load through it); its budget is
+    WORKBENCH_MODEL_BUDGET models (default 3)."""
+    global _shared_pool
+    with _shared_lock:
+        if _shared_pool is None:
+            _shared_pool = ModelPool(budget=int(os.environ.get("WORKBENCH_MODEL_BUDGET", "3")))
+        return _shared_pool
+
+
+def vlm_key(path, adapter=None, attn_implementation: str = "hsa") -> tuple:
+    """The pool key of `load_vlm(path, adapter=adapter, attn_implementation=...)`."""
+    return (str(path), str(adapter) if adapter else None, attn_implementation)
 
 
 def retry_last(turns: list[ChatTurn]) -> list[ChatTurn]:

@@ -8,7 +8,6 @@ strings count); they become code points (what the store keeps) in `utf16_to_code
 """
 from __future__ import annotations
 
-import functools
 import html
 import json
 import re
@@ -578,11 +577,13 @@ def _processor_loader(ctx):
 
 
 def _model_loader(ctx):
-    @functools.lru_cache(maxsize=1)
+    from workbench.chat import shared_pool, vlm_key
+
     def load(name: str):
         from models.vlm.loading import load_vlm
 
-        return load_vlm(ctx.resolve_model(name), attn_implementation="eager")
+        path = ctx.resolve_model(name)
+        return shared_pool().get(vlm_key(path, None, "eager"), lambda: load_vlm(path, attn_implementation="eager"))
 
     return load
 

@@ -11,9 +11,10 @@ import gradio as gr
 
 from models.vlm import VLMLoadError
 from workbench.align import AlignError
-from workbench.attention import (AttentionResult, AttentionUnsupported, attention_figure, compute_attention,
-                                 default_overlay_token, image_overlay, load_model, mass_figure,
+from workbench.attention import (AttentionResult, AttentionUnsupported, attention_figure, check_hsa,
+                                 compute_attention, default_overlay_token, image_overlay, load_model, mass_figure,
                                  prepare_conversation)
+from workbench.chat import ModelPool, shared_pool, vlm_key
 from workbench.mask_view import parse_conversation_text, token_label
 from workbench.ui.context import AppContext
 from workbench.ui.masks import resolve_images
@@ -46,26 +47,18 @@ def write_example_image(ctx: AppContext):
 
 
 class ModelCache:
-    """The last few loaded models by name (loading is the slow part), and for the last few
-    conversations their aligned inputs and last result, so that moving the layer or head slider
-    neither re-aligns nor re-measures the per-layer masses."""
+    """Models come from the process's shared pool (one budget for every tab; loading is the slow
+    part); for the last few conversations it keeps their aligned inputs and last result, so that
+    moving the layer or head slider neither re-aligns nor re-measures the per-layer masses."""
 
-    def __init__(self, size: int = 2, loader=load_model, conversations: int = 4):
-        self.size, self.loader, self.conversations = size, loader, conversations
-        self.models: OrderedDict = OrderedDict()
+    def __init__(self, loader=load_model, conversations: int = 4, pool: ModelPool | None = None):
+        self.loader, self.conversations = loader, conversations
+        self.pool = pool or shared_pool()
         self.prepared: OrderedDict = OrderedDict()  # key -> [PreparedConversation, last AttentionResult]
         self.lock = threading.Lock()
 
     def get(self, name: str):
-        with self.lock:
-            if name in self.models:
-                self.models.move_to_end(name)
-                return self.models[name]
-            loaded = self.loader(name)
-            self.models[name] = loaded
-            while len(self.models) > self.size:
-                self.models.popitem(last=False)
-            return loaded
+        return self.pool.get(vlm_key(name), lambda: self.loader(name))
 
     def conversation(self, key, make) -> list:
         with self.lock:
@@ -114,6 +107,7 @@ def compute(text, model_name, uploads, layer, head, mean_heads, max_length, ctx:
     if progress is not None:
         progress(0.02, desc=f"loading {name}")
     model, processor = cache.get(name)
+    check_hsa(model, name)  # the pool may hold it from the Chat tab, loaded without this check
     length = int(max_length) if max_length else None
     key = (name, json.dumps(record, sort_keys=True, default=str), length)
     entry = cache.conversation(key, lambda: prepare_conversation(record, processor, model=model,

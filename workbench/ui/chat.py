@@ -10,8 +10,8 @@ import gradio as gr
 
 from models.hsa import ROLE_NAMES
 from workbench.chat import (TABLE_HEADERS, ChatInputError, ChatTurn, ModelPool, display_messages,
-                            finished_runs, history_from_api, is_out_of_memory, retry_last, to_record,
-                            turns_table, user_turn, without_failed)
+                            finished_runs, history_from_api, is_out_of_memory, retry_last, shared_pool,
+                            to_record, turns_table, user_turn, vlm_key, without_failed)
 from workbench.ui.context import AppContext
 
 NONE = "(none)"
@@ -21,9 +21,9 @@ ROLE_CHOICES = [ROLE_NAMES[r] for r in sorted(ROLE_NAMES)]
 class ChatBackend:
     """The functions the tab wires together; plain values in, plain values out."""
 
-    def __init__(self, ctx: AppContext, budget: int = 2):
+    def __init__(self, ctx: AppContext, pool: ModelPool | None = None):
         self.ctx = ctx
-        self.pool = ModelPool(self._load, budget=budget)
+        self.pool = pool or shared_pool()
 
     def _load(self, name: str, adapter: str | None):
         from models.vlm import load_vlm
@@ -41,7 +41,7 @@ class ChatBackend:
 
     def model(self, choice: str):
         name, adapter = self.resolve(choice)
-        return self.pool.get(name, adapter)
+        return self.pool.get(vlm_key(name, adapter), lambda: self._load(name, adapter))
 
     def stream(self, choice: str, turns: list[ChatTurn], system: str, settings, use_hsa: bool):
         """Pieces of the reply of `choice` to `turns` (which end with a user turn)."""
