@@ -1,4 +1,4 @@
-"""`python -m models.zoo build | build-composed | eval | experiment | export`: the embedded models' commands."""
+"""`python -m models.zoo build | build-composed | build-hybrid | eval | experiment | export`: the embedded models' commands."""
 from __future__ import annotations
 
 import argparse
@@ -42,11 +42,30 @@ def main(argv=None) -> int:
     p_comp.add_argument("--parts", type=Path, default=None,
                         help="keep the pretrained vision tower and language model here (vision/, lm/)")
 
+    p_hyb = sub.add_parser("build-hybrid",
+                           help="the hybrid default VLM from nothing: tiny CLIP + tiny Mamba+attention hybrid, "
+                                "align, SFT with gate regularizers, then its gates' prune plan and pruned export (CPU)")
+    p_hyb.add_argument("--out", type=Path, default=None, help="output directory (default: models/zoo/default_hybrid)")
+    p_hyb.add_argument("--pruned-out", type=Path, default=None,
+                       help="pruned model's directory (default: models/zoo/default_hybrid_pruned)")
+    p_hyb.add_argument("--seed", type=int, default=0)
+    p_hyb.add_argument("--threads", type=positive_int, default=2,
+                       help="torch CPU threads (default 2, what the committed models were built with)")
+    p_hyb.add_argument("--vision-steps", type=positive_int, default=None, help="vision tower pretraining steps")
+    p_hyb.add_argument("--lm-steps", type=positive_int, default=None, help="hybrid LM pretraining steps")
+    p_hyb.add_argument("--align-steps", type=positive_int, default=None, help="align stage steps (projector only)")
+    p_hyb.add_argument("--sft-steps", type=positive_int, default=None, help="SFT stage steps (LoRA + projector)")
+    p_hyb.add_argument("--heal-steps", type=int, default=None, help="healing SFT of the pruned model (0: none)")
+    p_hyb.add_argument("--eval-n", type=int, default=50, help="held-out conversations for the final accuracy of both")
+    p_hyb.add_argument("--parts", type=Path, default=None,
+                       help="keep the pretrained vision tower and language model here (vision/, lm/)")
+
     p_eval = sub.add_parser("eval", help="accuracy on fresh held-out shapes conversations (greedy decoding)")
     p_eval.add_argument("--n", type=int, default=100, help="number of conversations")
     p_eval.add_argument("--seed", type=int, default=0)
     p_eval.add_argument("--model", default=None,
                         help="'default' (the embedded Qwen2-VL), 'composed' (the embedded composed VLM), "
+                             "'hybrid' / 'hybrid-pruned' (the embedded hybrid VLM, unpruned / pruned), "
                              "or a model directory or hub id (default: 'default')")
     p_eval.add_argument("--noise", choices=["clean", "train", "heavy"], default="clean",
                         help="NOISE turns in the conversations: none, as in training, or heavier with unseen kinds")
@@ -88,6 +107,18 @@ def main(argv=None) -> int:
         build_composed(args.out or DEFAULT_COMPOSED_DIR, seed=args.seed, threads=args.threads,
                        vision_steps=args.vision_steps, lm_steps=args.lm_steps, align_steps=args.align_steps,
                        sft_steps=args.sft_steps, parts_dir=args.parts)
+        return 0
+    if args.command == "build-hybrid":
+        import os
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as build-composed
+        from . import DEFAULT_HYBRID_DIR, DEFAULT_HYBRID_PRUNED_DIR
+        from .hybrid import build_hybrid
+
+        build_hybrid(args.out or DEFAULT_HYBRID_DIR, args.pruned_out or DEFAULT_HYBRID_PRUNED_DIR, seed=args.seed,
+                     threads=args.threads, vision_steps=args.vision_steps, lm_steps=args.lm_steps,
+                     align_steps=args.align_steps, sft_steps=args.sft_steps, heal_steps=args.heal_steps,
+                     eval_n=args.eval_n, parts_dir=args.parts)
         return 0
     if args.command == "eval":
         from .evaluate import NOISE_PRESETS, evaluate_model, print_report

@@ -46,6 +46,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,7 +57,7 @@ from models.composed import CHAT_TEMPLATE, IMAGE_TOKEN, PROJECTOR, assemble, fre
 from workbench.align import align_record, pad_batch, pad_token_id
 
 from . import DEFAULT_COMPOSED_DIR, shapes
-from .build import LENGTH_GROUPS, ShapeLookup, attention_inputs, learning_rate, slot_targets
+from .build import LENGTH_GROUPS, ShapeLookup, language_layers, learning_rate, slot_targets
 from .processor import IMAGE_MEAN, IMAGE_STD, build_tokenizer
 
 PATCH_SIZE = shapes.SLOT_SIZE  # one patch per cell of the grid
@@ -339,28 +340,65 @@ def pretrain_vision(stage: Stage, size: ComposedSize, out_dir: Path, *, progress
     return out_dir, history
 
 
+def lookup_layers(model) -> list[int]:
+    """The language-model layers the look-up loss reads: every one but the first (which cannot know yet
+    which shape is meant) whose attention sees the whole context (not sliding-window, not pruned away):
+    all of Qwen3's, the hybrid's full-attention ("hybrid") layers."""
+    return [i for i, layer in enumerate(language_layers(model)) if i > 0
+            and getattr(layer, "self_attn", None) is not None and getattr(layer.self_attn, "sliding_window", None) is None]
+
+
+@contextmanager
+def attention_inputs(model, layers):
+    """{layer index: (hidden_states, position_embeddings)}: what the attention module of each of the
+    given layers received in the last forward inside the block (`build.attention_inputs`, also where
+    the hidden states come positionally, as in the hybrid's decoder layer)."""
+    seen = {}
+    modules = language_layers(model)
+
+    def hook(module, args, kwargs, index):
+        seen[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], kwargs["position_embeddings"])
+
+    hooks = [modules[index].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs, index=index: hook(module, args, kwargs, index), with_kwargs=True)
+        for index in layers]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _regularized(regularizer, model):
+    """The context an optional training regularizer (e.g. `hybrid.GateRegularizer`) hooks the model in."""
+    return regularizer.attach(model) if regularizer is not None else nullcontext()
+
+
 def _lookup_loss(model, layer_inputs, batch, queries, image_token_id):
     if queries is None or not len(queries):
         return 0.0
     return ShapeLookup.loss(model, layer_inputs, batch["input_ids"], queries, image_token_id=image_token_id)
 
 
-def pretrain_lm(stage: Stage, size: ComposedSize, processor, out_dir: Path, *, progress: bool = True):
-    """A Qwen3ForCausalLM trained on shapes conversations whose picture is given in words at the four
-    image positions (`picture_embeddings`); saved with its tokenizer. Returns (out_dir, losses)."""
+def pretrain_lm(stage: Stage, size: ComposedSize, processor, out_dir: Path, *, progress: bool = True,
+                new_lm=None, regularizer=None):
+    """A causal LM trained on shapes conversations whose picture is given in words at the four
+    image positions (`picture_embeddings`); saved with its tokenizer. Returns (out_dir, losses).
+    `new_lm(tokenizer)` makes the untrained LM (default: the Qwen3 of `lm_config`); `regularizer`, an
+    extra training loss with `attach(model)` and `loss(batch)` (the hybrid's gate regularizers)."""
     from transformers import Qwen3ForCausalLM
 
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     torch.manual_seed(stage.seed)
-    model = Qwen3ForCausalLM(lm_config(tokenizer, size))
+    model = new_lm(tokenizer) if new_lm is not None else Qwen3ForCausalLM(lm_config(tokenizer, size))
     model.set_attn_implementation("hsa" if stage.hsa else "sdpa")
     model.train()
     batches = conversation_batches(processor, stage)
     groups = picture_word_groups(tokenizer)
-    layers = range(1, size.layers) if stage.lookup_weight > 0 else range(0)  # layer 0 cannot know the shape yet
+    layers = lookup_layers(model) if stage.lookup_weight > 0 else []
 
-    with attention_inputs(model, layers) as layer_inputs:
+    with attention_inputs(model, layers) as layer_inputs, _regularized(regularizer, model):
         def step_loss():
             batch, words, queries = next(batches)
             embedding = model.get_input_embeddings().weight
@@ -374,6 +412,8 @@ def pretrain_lm(stage: Stage, size: ComposedSize, processor, out_dir: Path, *, p
             total = loss + stage.lookup_weight * _lookup_loss(model, layer_inputs, batch, queries, image_id)
             if stage.words_apart_weight > 0:
                 total = total + stage.words_apart_weight * words_apart(embedding, groups)
+            if regularizer is not None:
+                total = total + regularizer.loss(batch)
             return loss, total
 
         history = _run(stage, model.parameters(), step_loss, progress=progress)
@@ -425,28 +465,33 @@ def train_align(model, processor, stage: Stage, *, progress: bool = True):
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def train_sft(model, processor, stage: Stage, *, progress: bool = True):
-    """The SFT stage: LoRA on the language model's projections, the projector trained in full, on
-    conversations with NOISE turns under HSA plus the look-up loss; LoRA merged back at the end.
+def train_sft(model, processor, stage: Stage, *, progress: bool = True, lora_targets=LORA_TARGETS,
+              regularizer=None):
+    """The SFT stage: LoRA on the language model's projections (`lora_targets`: a peft target_modules),
+    the projector trained in full, on conversations with NOISE turns under HSA plus the look-up loss
+    (and an optional `regularizer`, as in `pretrain_lm`); LoRA merged back at the end.
     Returns (merged model, losses)."""
     from peft import LoraConfig, get_peft_model
 
     model.set_attn_implementation({"text_config": "hsa" if stage.hsa else "sdpa", "vision_config": "sdpa"})
     config = LoraConfig(r=stage.lora_rank, lora_alpha=stage.lora_alpha, lora_dropout=0.0,
-                        target_modules=LORA_TARGETS, modules_to_save=[PROJECTOR])
+                        target_modules=lora_targets, modules_to_save=[PROJECTOR])
     torch.manual_seed(stage.seed)
     peft_model = get_peft_model(model, config)
     peft_model.train()
     base = peft_model.get_base_model()
     image_id = base.config.image_token_id
     batches = conversation_batches(processor, stage)
-    layers = range(1, base.config.text_config.num_hidden_layers) if stage.lookup_weight > 0 else range(0)
+    layers = lookup_layers(base) if stage.lookup_weight > 0 else []
 
-    with attention_inputs(base, layers) as layer_inputs:
+    with attention_inputs(base, layers) as layer_inputs, _regularized(regularizer, base):
         def step_loss():
             batch, _, queries = next(batches)
             loss = _vlm_step(peft_model, batch, stage).loss
-            return loss, loss + stage.lookup_weight * _lookup_loss(base, layer_inputs, batch, queries, image_id)
+            total = loss + stage.lookup_weight * _lookup_loss(base, layer_inputs, batch, queries, image_id)
+            if regularizer is not None:
+                total = total + regularizer.loss(batch)
+            return loss, total
 
         history = _run(stage, peft_model.parameters(), step_loss, progress=progress)
     merged = peft_model.merge_and_unload()
