@@ -54,6 +54,8 @@ def test_start_a_run_and_watch_the_loss_curve_grow(train_tab, page):
     page.locator("#train-preview").click()
     page.wait_for_function("document.querySelector('#train-command').innerText.includes('workbench.train')")
     assert "run-0001/run_config.json" in page.locator("#train-command").inner_text()
+    # the command is one long line: it wraps instead of running off the box's right edge
+    assert page.locator("#train-command .cm-scroller").evaluate("s => s.scrollWidth <= s.clientWidth + 1")
     screenshot(page, "train_preview")
 
     page.locator("#train-start").click()
@@ -70,8 +72,19 @@ def test_start_a_run_and_watch_the_loss_curve_grow(train_tab, page):
     assert "[metrics] step=" in page.locator("#train-log textarea").input_value()
     assert "running" in page.locator("#train-runs").inner_text()
     screenshot(page, "train_curve_later")
+    # the log tail shows its newest lines: once it overflows, it is scrolled to its end
+    page.wait_for_function("(() => { const t = document.querySelector('#train-log textarea');"
+                           " return t.scrollHeight > t.clientHeight + 20; })()", timeout=60_000)
+    time.sleep(3)  # a timer refresh replaces the text
+    at_end = "t => t.scrollHeight - t.scrollTop - t.clientHeight < 4"
+    assert page.locator("#train-log textarea").evaluate(at_end), page.locator("#train-log textarea").evaluate(
+        "t => [t.scrollTop, t.clientHeight, t.scrollHeight]")
+    screenshot(page, "train_log_tail")
+    assert "Run 1 (from the browser)" in page.locator("#train-message").inner_text()
 
     page.locator("#train-cancel").click()
     page.wait_for_function("document.querySelector('#train-runs').innerText.includes('cancelled')", timeout=60_000)
     screenshot(page, "train_cancelled")
+    # "Run 1 (from the browser) is running." no longer holds once it is cancelled
+    assert "Run 1 (from the browser)" not in page.locator("#train-message").inner_text()
     assert (workspace / "runs" / "run-0001" / "metrics.jsonl").exists()
