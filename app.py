@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# before torch is imported (OpenMP reads it once): waiting threads sleep instead of spinning, so the
+# app and a run training beside it do not burn each other's cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,7 +92,12 @@ def main(argv=None) -> None:
     # Uploads land inside the workspace, not in a system-wide temp directory.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace / "tmp"))
     sys.path.insert(0, str(ROOT))
+    import torch
+
+    from workbench.jobs.processes import thread_split
     from workbench.ui.context import AppContext
+
+    torch.set_num_threads(thread_split()[0])  # the rest of the cores are for runs
 
     ctx = AppContext.create(workspace, db_path=args.db, default_model=args.default_model)
     app = build_app(ctx)

@@ -198,6 +198,46 @@ def test_a_run_cannot_share_the_output_dir_of_an_unfinished_run(manager, tmp_pat
         manager.submit({"output_dir": str(tmp_path / "same")}, command=script("pass"))
 
 
+def test_delete_removes_a_finished_runs_row_and_folder_inside_runs_dir_only(manager, tmp_path):
+    inside = manager.wait(manager.submit({}, command=script("print('done')")).id)
+    assert inside.output_dir.is_dir()
+    assert manager.delete(inside.id) == inside.output_dir.resolve()
+    assert not inside.output_dir.exists() and [r.id for r in manager.list()] == []
+    with pytest.raises(KeyError):
+        manager.get(inside.id)
+    assert manager.runs_dir.is_dir() and manager.db_path.exists()  # the other runs' home stays
+    # a folder outside runs_dir was chosen by someone: the row goes, the folder stays
+    elsewhere = manager.wait(manager.submit({"output_dir": str(tmp_path / "mine")}, command=script("pass")).id)
+    assert manager.delete(elsewhere.id) is None
+    assert (tmp_path / "mine").is_dir() and manager.list() == []
+
+
+def test_a_running_run_is_not_deleted_until_cancelled(manager):
+    run = manager.submit({}, command=script("import time; time.sleep(600)"))
+    wait_for(lambda: manager.get(run.id).status == RUNNING, timeout=30)
+    with pytest.raises(ValueError, match="running; cancel it first"):
+        manager.delete(run.id)
+    assert manager.get(run.id).status == RUNNING and run.output_dir.is_dir()
+    manager.cancel(run.id)
+    run = manager.wait(run.id, timeout=30)
+    assert run.status == CANCELLED
+    assert manager.delete(run.id) == run.output_dir.resolve() and not run.output_dir.exists()
+
+
+def test_a_run_gets_a_passive_openmp_wait_and_its_share_of_the_threads(manager, monkeypatch):
+    from workbench.jobs.processes import thread_split
+
+    monkeypatch.delenv("WORKBENCH_RUN_THREADS", raising=False)
+    monkeypatch.delenv("WORKBENCH_APP_THREADS", raising=False)
+    run = manager.wait(manager.submit({}, command=script("""
+        import os
+        print("OMP", os.environ["OMP_WAIT_POLICY"], os.environ["OMP_NUM_THREADS"])
+    """)).id)
+    assert run.status == SUCCEEDED
+    assert f"OMP PASSIVE {thread_split()[1]}" in manager.log_tail(run.id)
+    assert thread_split(2) == (1, 1) and thread_split(16) == (4, 12) and thread_split(1) == (1, 1)
+
+
 def test_metrics_tail_reads_only_appended_complete_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     tail = MetricsTail(path)

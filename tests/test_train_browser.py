@@ -88,3 +88,34 @@ def test_start_a_run_and_watch_the_loss_curve_grow(train_tab, page):
     # "Run 1 (from the browser) is running." no longer holds once it is cancelled
     assert "Run 1 (from the browser)" not in page.locator("#train-message").inner_text()
     assert (workspace / "runs" / "run-0001" / "metrics.jsonl").exists()
+
+
+def test_compare_runs_and_delete_one_after_confirming(train_tab, page):
+    """After the run above was cancelled: its curve on the compare plot, then Delete asks, Keep keeps,
+    Delete removes the run's row and folder."""
+    url, workspace = train_tab
+    page.goto(url)
+    page.locator("#train-compare-box").get_by_text("Compare runs").click()
+    page.locator("#train-compare input").click()
+    page.get_by_role("option", name="1 · from the browser").click()
+    page.keyboard.press("Escape")
+    # the legend (SVG text) names the run
+    page.wait_for_function("document.querySelector('#train-compare-plot').textContent.includes('1 · from the browser')")
+    screenshot(page, "train_compare")
+
+    page.locator("#train-run input").click()
+    page.get_by_role("option", name="1 · from the browser").click()
+    page.wait_for_function("document.querySelector('#train-summary').innerText.includes('Run 1')")
+    page.locator("#train-delete").click()
+    page.locator("#train-delete-question").get_by_text("Delete run 1").wait_for()
+    screenshot(page, "train_delete_confirm")
+    page.locator("#train-delete-no").click()
+    page.wait_for_function("document.querySelector('#train-action').innerText.includes('Kept')")
+    assert (workspace / "runs" / "run-0001").is_dir()
+
+    page.locator("#train-delete").click()
+    page.locator("#train-delete-yes").click()
+    page.wait_for_function("document.querySelector('#train-action').innerText.includes('Run 1 deleted')")
+    page.wait_for_function("!document.querySelector('#train-runs').innerText.includes('from the browser')")
+    screenshot(page, "train_deleted")
+    assert not (workspace / "runs" / "run-0001").exists()

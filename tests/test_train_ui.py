@@ -126,6 +126,46 @@ def test_runs_table_curves_log_and_chat_target(ctx):
     assert target.adapter == str(run.output_dir / "adapter")
 
 
+def test_several_runs_loss_curves_on_one_plot(ctx):
+    manager = tab.manager_of(ctx)
+    first = manager.wait(manager.submit({}, command=write_metrics_script(4, False), name="short").id)
+    second = manager.wait(manager.submit({}, command=write_metrics_script(6, False), name="long").id)
+    figure = tab.compare_figure(manager, [first.id, second.id])
+    names = [trace.name for trace in figure.data]
+    assert names == [f"{first.id} · short", f"{first.id} · short (eval)", f"{second.id} · long",
+                     f"{second.id} · long (eval)"]
+    assert list(figure.data[2].x) == [1, 2, 3, 4, 5, 6] and list(figure.data[3].y) == [0.5]
+    assert figure.data[0].line.color == figure.data[1].line.color != figure.data[2].line.color
+    assert tab.compare_figure(manager, [first.id]).layout.showlegend  # even one run is named
+    assert tab.compare_figure(manager, []).data == ()
+    assert [t.name for t in tab.compare_figure(manager, [999, first.id]).data][0] == f"{first.id} · short"
+
+
+def test_delete_a_run_after_confirming_and_never_a_running_one(ctx):
+    from workbench.ui.chat import ChatBackend
+
+    manager = tab.manager_of(ctx)
+    done = manager.wait(manager.submit({}, command=write_metrics_script(2, True), name="done").id)
+    label = f"run: run-{done.id:04d}"
+    assert label in ChatBackend(ctx).model_choices()
+    question, ask = tab.delete_prompt(manager, done.id)
+    assert ask and f"Delete run {done.id} · done" in question and str(done.output_dir) in question
+    assert tab.delete_prompt(manager, None) == ("Select a run to delete.", False)
+
+    sleeper = manager.submit({}, command=[sys.executable, "-c", "import time; time.sleep(600)"], name="busy")
+    question, ask = tab.delete_prompt(manager, sleeper.id)
+    assert not ask and "cancel it first" in question
+    assert "Not deleted" in tab.delete_run(manager, sleeper.id) and sleeper.output_dir.is_dir()
+
+    text = tab.delete_run(manager, done.id)
+    assert text == f"Run {done.id} deleted with `{done.output_dir.resolve()}`."
+    assert not done.output_dir.exists()
+    assert [row[0] for row in tab.runs_rows(manager)] == [sleeper.id]
+    assert [value for _, value in tab.run_choices(manager)] == [sleeper.id]
+    assert label not in ChatBackend(ctx).model_choices()  # the Chat tab's list comes from the runs' folders
+    assert "Not deleted" in tab.delete_run(manager, done.id)
+
+
 def test_curves_keep_the_last_record_of_a_step_after_a_resume():
     records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5},
                {"step": 3, "loss": 1.4}, {"step": 4, "loss": 1.2}]  # resumed from checkpoint-2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -292,6 +293,31 @@ class RunManager:
         self.tick()
         return self.get(run_id)
 
+    # ---- deleting ------------------------------------------------------------------------
+    def delete(self, run_id: int) -> Path | None:
+        """Forget a finished run: its row goes, and its output folder when that folder lies inside
+        runs_dir and no other run writes there (a folder elsewhere was chosen by someone, and is left).
+        Returns the folder removed, or None. A queued or running run is refused: cancel it first."""
+        with self._write() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (int(run_id),)).fetchone()
+            if row is None:
+                raise KeyError(f"no run with id {run_id}")
+            run = Run.from_row(row)
+            if not run.finished:
+                raise ValueError(f"run {run_id} is {run.status}; cancel it first")
+            shared = db.execute("SELECT id FROM runs WHERE output_dir = ? AND id != ?",
+                                (str(run.output_dir), run.id)).fetchone()
+            db.execute("DELETE FROM runs WHERE id = ? AND status = ?", (run.id, run.status))
+        with self._lock:
+            self._children.pop(run.id, None)
+            for key in [k for k in self._metrics if k[0] == run.id]:
+                del self._metrics[key]
+        folder = run.output_dir.resolve()
+        if shared or not folder.is_relative_to(self.runs_dir) or folder == self.runs_dir or not folder.is_dir():
+            return None
+        shutil.rmtree(folder)
+        return folder
+
     # ---- watching ------------------------------------------------------------------------
     def _is_alive(self, run: Run) -> bool:
         child = self._children.get(run.id)
@@ -442,6 +468,10 @@ def _child_env(extra: dict | None) -> dict:
     # the run imports workbench/models from the project, whatever its working directory
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"  # the log shows progress as it happens
+    # OpenMP's default active wait spins idle threads at 100%, slowing the app's chat several-fold:
+    # threads that wait sleep, and the run leaves the app a share of the cores (processes.thread_split)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["OMP_NUM_THREADS"] = str(processes.thread_split()[1])
     env.update(extra or {})
     return env
 

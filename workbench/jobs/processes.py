@@ -14,6 +14,17 @@ import psutil
 HOST = socket.gethostname()
 
 
+def thread_split(cores: int | None = None) -> tuple[int, int]:
+    """(torch threads for the app, torch threads for a run) sharing this machine's cores: a run
+    gets all but a quarter of them (at least one each), so chat keeps cores of its own while a
+    run trains. Override with WORKBENCH_APP_THREADS / WORKBENCH_RUN_THREADS."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    app = max(1, cores // 4)
+    run = max(1, cores - app)
+    return (int(os.environ.get("WORKBENCH_APP_THREADS", app)), int(os.environ.get("WORKBENCH_RUN_THREADS", run)))
+
+
 def start_token(pid: int) -> str | None:
     """A value that differs between two processes that had the same pid: the start time in clock
     ticks since boot from /proc (exact) or psutil's create time elsewhere. None if no such process."""

@@ -263,6 +263,54 @@ def run_view(manager: RunManager, run_id: int | None, log_lines: int = 80):
             gate_figure(manager.records(run.id, GATE_STATS)))
 
 
+def compare_figure(manager: RunManager, run_ids) -> "go.Figure":
+    """The loss curves of several runs on one plot: a line per run named after it, its eval loss
+    (where it has one) dashed in the same colour."""
+    import plotly.graph_objects as go
+    from plotly.colors import DEFAULT_PLOTLY_COLORS
+
+    fig = go.Figure()
+    for i, run_id in enumerate(run_ids or []):
+        try:
+            run = manager.get(int(run_id))
+        except KeyError:  # deleted meanwhile
+            continue
+        c, color, label = curves(manager.metrics(run.id)), DEFAULT_PLOTLY_COLORS[i % 10], f"{run.id} · {run.name}"
+        fig.add_trace(go.Scatter(x=c["step"], y=c["loss"], mode="lines", name=label, line=dict(color=color)))
+        if c["eval_step"]:
+            fig.add_trace(go.Scatter(x=c["eval_step"], y=c["eval_loss"], mode="lines+markers", name=f"{label} (eval)",
+                                     line=dict(color=color, dash="dash")))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="loss")
+    # a legend even for one run (plotly leaves it out for a single line): it names the runs
+    fig.update_layout(height=320, margin=dict(l=40, r=20, t=30, b=40), legend=dict(orientation="h", y=-0.25),
+                      showlegend=True, uirevision="keep")
+    return fig
+
+
+def delete_prompt(manager: RunManager, run_id: int | None) -> tuple[str, bool]:
+    """(question, whether to show the confirmation) before a run is deleted."""
+    if run_id is None:
+        return "Select a run to delete.", False
+    run = manager.get(int(run_id))
+    if not run.finished:
+        return f"Run {run.id} is {run.status}: cancel it first, then delete it.", False
+    inside = run.output_dir.resolve().is_relative_to(manager.runs_dir)
+    folder = (f"and its folder `{run.output_dir}`" if inside
+              else f"(its folder `{run.output_dir}` is outside the runs folder and stays)")
+    return f"**Delete run {run.id} · {run.name}** {folder}? This cannot be undone.", True
+
+
+def delete_run(manager: RunManager, run_id: int | None) -> str:
+    if run_id is None:
+        return "Select a run to delete."
+    try:
+        folder = manager.delete(int(run_id))
+    except (KeyError, ValueError) as e:
+        return f"**Not deleted:** {e}"
+    return f"Run {run_id} deleted" + (f" with `{folder}`." if folder else "; its folder was left where it is.")
+
+
 def cancel_run(manager: RunManager, run_id: int | None) -> str:
     if run_id is None:
         return "Select a run to cancel."
@@ -525,9 +573,18 @@ def build(ctx: AppContext) -> TrainTab:
         resume_button = gr.Button("Resume", scale=1, elem_id="train-resume")
         chat_button = gr.Button("Chat with this run", scale=1, elem_id="train-chat")
         merge_button = gr.Button("Merge adapter", scale=1, elem_id="train-merge-run")
+        delete_button = gr.Button("Delete…", scale=1, variant="stop", elem_id="train-delete")
+    with gr.Row(visible=False, elem_id="train-delete-confirm") as confirm_row:
+        confirm_text = gr.Markdown(elem_id="train-delete-question")
+        confirm_button = gr.Button("Delete", variant="stop", scale=0, elem_id="train-delete-yes")
+        keep_button = gr.Button("Keep", scale=0, elem_id="train-delete-no")
     action = gr.Markdown(elem_id="train-action")
     summary = gr.Markdown(elem_id="train-summary")
     plot = gr.Plot(curves_figure([]), label="Loss and learning rate", elem_id="train-curves")
+    with gr.Accordion("Compare runs", open=False, elem_id="train-compare-box"):
+        compare = gr.Dropdown(run_choices(manager), value=[], multiselect=True, label="Runs to compare",
+                              elem_id="train-compare")
+        compare_plot = gr.Plot(compare_figure(manager, []), label="Loss by run", elem_id="train-compare-plot")
     with gr.Accordion("Hybrid: fusion gates, prune plan, pruned export", open=False, elem_id="train-gates-box"):
         gates_plot = gr.Plot(gate_figure([]), label="Fusion gates", elem_id="train-gates")
         with gr.Row():
@@ -575,10 +632,27 @@ def build(ctx: AppContext) -> TrainTab:
             return gr.update()
         return gr.update(value=run_id)
 
-    def on_refresh(run_id):
+    def on_refresh(run_id, compared):
         # one poll: the table for everyone, the selected run's curves and log for this session
         view = run_view(manager, run_id)
-        return (runs_rows(manager), gr.update(choices=run_choices(manager)), *view)
+        choices = run_choices(manager)
+        compared_plot = compare_figure(manager, compared) if compared else gr.skip()
+        return (runs_rows(manager), gr.update(choices=choices), gr.update(choices=choices), compared_plot, *view)
+
+    def on_delete_ask(run_id):
+        question, ask = delete_prompt(manager, run_id)
+        if not ask:  # nothing to confirm: say why in the action line
+            return question, gr.skip(), gr.Row(visible=False)
+        return "", question, gr.Row(visible=True)
+
+    def on_delete(run_id, compared):
+        text = delete_run(manager, run_id)
+        choices = run_choices(manager)
+        ids = {value for _, value in choices}
+        kept = [i for i in (compared or []) if i in ids]
+        selected_now = run_id if run_id in ids else None
+        return (text, gr.Row(visible=False), runs_rows(manager), gr.update(choices=choices, value=selected_now),
+                gr.update(choices=choices, value=kept), compare_figure(manager, kept))
 
     def on_cancel(run_id):
         return cancel_run(manager, run_id), ""  # "Run N is running." no longer holds
@@ -617,7 +691,13 @@ def build(ctx: AppContext) -> TrainTab:
     # the log tail shows its newest lines: scrolled to the end whenever it changes
     log.change(None, None, None, js="() => { const t = document.querySelector('#train-log textarea');"
                                      " if (t) t.scrollTop = t.scrollHeight; }")
-    timer.tick(on_refresh, selected, [runs_table, selected, *view_outputs], show_progress="hidden")
+    timer.tick(on_refresh, [selected, compare], [runs_table, selected, compare, compare_plot, *view_outputs],
+               show_progress="hidden")
+    compare.change(lambda ids: compare_figure(manager, ids), compare, compare_plot)
+    delete_button.click(on_delete_ask, selected, [action, confirm_text, confirm_row])
+    keep_button.click(lambda: ("Kept.", gr.Row(visible=False)), None, [action, confirm_row])
+    confirm_button.click(on_delete, [selected, compare],
+                         [action, confirm_row, runs_table, selected, compare, compare_plot])
     cancel_button.click(on_cancel, selected, [action, message])
     resume_button.click(on_resume, selected, action)
     clone_button.click(on_clone, [selected, edits], [action, selected])
