@@ -147,6 +147,29 @@ def test_cancel_mid_run_then_resume_from_the_last_checkpoint(manager, default_mo
     assert f"resume: from {last}" in manager.log_tail(run.id, max_lines=2000)
 
 
+def test_cancel_saves_a_checkpoint_that_resume_continues_from(manager, default_model, shapes_json):
+    """No periodic checkpoint at all (save_steps far away): the cancel itself leaves one after the step
+    it interrupted, so Resume continues instead of starting over."""
+    config = {"dataset": str(shapes_json), "max_steps": 100000, "save_steps": 100000, "hsa": True,
+              "base_model": str(default_model), "lora_r": 4}
+    run = manager.submit(config)
+    wait_for(lambda: manager.tick() or any(m.get("step", 0) >= 3 for m in manager.metrics(run.id)), timeout=240)
+    manager.cancel(run.id)
+    run = manager.wait(run.id, timeout=60)
+    assert run.status == CANCELLED and group_members(run.pgid) == []
+    saved = [int(p.name.split("-")[1]) for p in run.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    assert len(saved) == 1 and saved[0] >= 3, manager.log_tail(run.id)
+    assert "cancel: saving a checkpoint" in manager.log_tail(run.id, max_lines=2000)
+    seen = len(manager.metrics(run.id))
+    manager.resume(run.id)
+    wait_for(lambda: manager.tick() or manager.get(run.id).status in FINISHED
+             or len([m for m in manager.metrics(run.id)[seen:] if "loss" in m]) >= 1, timeout=240)
+    manager.cancel(run.id)
+    manager.wait(run.id, timeout=60)
+    after = [m["step"] for m in manager.metrics(run.id)[seen:] if "loss" in m]
+    assert after and after[0] == saved[0] + 1  # continued from the cancel's checkpoint
+
+
 def test_a_crashing_run_ends_failed_with_the_error(manager, default_model, tmp_path):
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([
