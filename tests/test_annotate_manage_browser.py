@@ -49,7 +49,10 @@ def dataset_value(page) -> str:
 
 
 def wait_text(page, selector: str, text: str, timeout: float = 60_000):
-    page.locator(selector, has_text=text).first.wait_for(timeout=timeout)
+    try:
+        page.locator(selector, has_text=text).first.wait_for(timeout=timeout)
+    except Exception:
+        raise AssertionError(f"{selector} never showed {text!r}; it shows {page.locator(selector).first.inner_text()!r}")
 
 
 def where(page) -> str:

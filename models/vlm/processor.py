@@ -7,6 +7,9 @@ without its video part. Videos are then refused with a clear error; everything e
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixin, Qwen2VLProcessor
 
 # model types whose processors are Qwen2VLProcessor-compatible (same image tokens and grid logic)
@@ -85,6 +88,18 @@ def _model_type(path_or_id: str, **kwargs) -> str | None:
         return None
 
 
+def _is_qwen_vl(path_or_id: str, **kwargs) -> bool:
+    """A Qwen2-VL-family checkpoint by its model config, or (a processor saved alone, without the
+    model) by the processor class its processor_config.json names."""
+    if _model_type(path_or_id, **kwargs) in QWEN_VL_TYPES:
+        return True
+    saved = Path(path_or_id) / "processor_config.json"
+    try:
+        return json.loads(saved.read_text()).get("processor_class") in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+    except (OSError, ValueError):
+        return False
+
+
 def load_processor(path_or_id: str, **kwargs):
     """AutoProcessor, or for Qwen2-VL-family checkpoints the image-only processor where AutoProcessor
     cannot give one: without torchvision, or when the saved processor class is not importable
@@ -101,8 +116,7 @@ def load_processor(path_or_id: str, **kwargs):
     except (ImportError, OSError) as error:
         # no torchvision for the video processor, or a checkpoint saved without one (images only)
         reason = str(error).lower()
-        if not ("torchvision" in reason or "video processor" in reason) or \
-                _model_type(path_or_id, **kwargs) not in QWEN_VL_TYPES:
+        if not ("torchvision" in reason or "video processor" in reason) or not _is_qwen_vl(path_or_id, **kwargs):
             raise
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
