@@ -149,13 +149,6 @@ def assemble(vision: str | Path, lm: str | Path, *, vision_feature_layer: int = 
 
 def save(model, processor, out_dir: str | Path) -> Path:
     """safetensors + config + processor, loadable with AutoModelForImageTextToText / AutoProcessor."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    from models.vlm.loading import save_model
 
-
-def is_composed(config) -> bool:
-    """Whether a model config is a composed (LLaVA) VLM: a projector between a vision tower and an LM."""
-    return getattr(config, "model_type", None) == "llava"
+    return save_model(model, processor, out_dir)

@@ -107,9 +107,14 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, *, base: str | Path 
         hsa_trained = bool(json.loads(run_info.read_text()).get("hsa", hsa_trained))
     if hsa_trained is not None:
         merged.config.hsa_trained = hsa_trained
+    return save_model(merged, processor, out_dir)
+
+
+def save_model(model, processor, out_dir: str | Path) -> Path:
+    """safetensors + config + processor in one directory, loadable with the Auto classes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 

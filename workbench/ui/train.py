@@ -439,7 +439,7 @@ def gate_figure(records: list[dict]):
 PLAN_FILE, PRUNED_DIR = "prune_plan.json", "pruned"
 
 
-def _run_model_dir(manager: RunManager, run) -> Path:
+def _run_model_dir(run) -> Path:
     """The run's trained model as a plain checkpoint: its whole model, its merged adapter (merging
     first if needed)."""
     if (run.output_dir / MODEL_DIR / "config.json").is_file():
@@ -491,7 +491,7 @@ def export_pruned_run(manager: RunManager, run_id: int | None) -> tuple[str, str
     if run.status not in FINISHED:
         return f"Run {run.id} is {run.status}: export its pruned model when it has succeeded.", ""
     try:
-        target = export(_run_model_dir(manager, run), plan, run.output_dir / PRUNED_DIR)
+        target = export(_run_model_dir(run), plan, run.output_dir / PRUNED_DIR)
     except (ValueError, OSError) as error:
         return f"**Not exported:** {error}", ""
     label = f"{chat_target(manager, run.id).label} · pruned"
