@@ -137,7 +137,7 @@ def test_a_restarted_manager_reattaches_and_keeps_streaming_metrics(tmp_path):
             log(step)
     """)
     first = RunManager(tmp_path / "runs", monitor=False, workdir=tmp_path)
-    run = first.submit({"output_dir": str(tmp_path / "runs" / "job")}, command=job)
+    run = first.submit({}, command=job)
     assert run.status == RUNNING
     wait_for(lambda: len(first.metrics(run.id)) == 2)
     first.close()
@@ -192,12 +192,6 @@ def test_clone_with_edits_makes_a_new_run_with_merged_config(manager):
     assert manager.wait(clone.id).status == SUCCEEDED
 
 
-def test_a_run_cannot_share_the_output_dir_of_an_unfinished_run(manager, tmp_path):
-    manager.submit({"output_dir": str(tmp_path / "same")}, command=script("import time; time.sleep(600)"))
-    with pytest.raises(ValueError, match="in use by run"):
-        manager.submit({"output_dir": str(tmp_path / "same")}, command=script("pass"))
-
-
 def test_delete_removes_a_finished_runs_row_and_folder_inside_runs_dir_only(manager, tmp_path):
     inside = manager.wait(manager.submit({}, command=script("print('done')")).id)
     assert inside.output_dir.is_dir()
@@ -206,8 +200,11 @@ def test_delete_removes_a_finished_runs_row_and_folder_inside_runs_dir_only(mana
     with pytest.raises(KeyError):
         manager.get(inside.id)
     assert manager.runs_dir.is_dir() and manager.db_path.exists()  # the other runs' home stays
-    # a folder outside runs_dir was chosen by someone: the row goes, the folder stays
-    elsewhere = manager.wait(manager.submit({"output_dir": str(tmp_path / "mine")}, command=script("pass")).id)
+    # a folder outside runs_dir (recorded by an older workbench) was chosen by someone: the row goes, the folder stays
+    elsewhere = manager.wait(manager.submit({}, command=script("pass")).id)
+    (tmp_path / "mine").mkdir()
+    with manager._write() as db:
+        db.execute("UPDATE runs SET output_dir = ? WHERE id = ?", (str(tmp_path / "mine"), elsewhere.id))
     assert manager.delete(elsewhere.id) is None
     assert (tmp_path / "mine").is_dir() and manager.list() == []
 
@@ -258,3 +255,62 @@ def test_log_tail_and_error_summary(tmp_path):
     assert tail_text(log, max_lines=2) == "line 999\n100%"
     text = "noise\nTraceback (most recent call last):\n  x\nOSError: boom\n"
     assert error_summary(text) == "Traceback (most recent call last):\n  x\nOSError: boom"
+
+
+# ---- issue 19.1 / 19.2: a run writes only in the folder the manager picks, never in another run's -------
+
+def test_a_run_writes_only_in_a_new_folder_the_manager_picks(manager, tmp_path):
+    """Issue 19.1: output_dir from a config (/tmp/x, ../x, the runs folder itself) is refused before a row or
+    a folder exists; a run's folder is always a new one under runs_dir."""
+    for asked in [str(tmp_path / "outside"), "../escaped", "runs", str(manager.runs_dir / "mine"), "/tmp/x19"]:
+        with pytest.raises(ValueError, match="output_dir is chosen by the run manager"):
+            manager.submit({"output_dir": asked}, command=script("pass"))
+    assert manager.list() == []
+    assert not (tmp_path / "outside").exists() and not (tmp_path.parent / "escaped").exists()
+    assert not (manager.runs_dir / "mine").exists()
+    run = manager.wait(manager.submit({}, command=script("pass")).id)
+    assert run.output_dir.parent == manager.runs_dir and run.output_dir.name == f"run-{run.id:04d}"
+
+
+def test_a_new_run_never_writes_into_another_runs_folder(manager):
+    """Issue 19.2: {"output_dir": "runs/run-0001"} on a new run (or a clone) is refused whatever run 1's
+    state; a folder left by an earlier database is not reused either."""
+    first = manager.wait(manager.submit({}, command=script("""
+        import os, pathlib
+        (pathlib.Path(os.environ["WORKBENCH_RUN_DIR"]) / "adapter.bin").write_text("run 1")
+    """)).id)
+    assert first.status == SUCCEEDED
+    for asked in [str(first.output_dir), f"runs/{first.output_dir.name}", str(first.output_dir / "sub")]:
+        with pytest.raises(ValueError, match="output_dir is chosen by the run manager"):
+            manager.submit({"output_dir": asked}, command=script("pass"))
+        with pytest.raises(ValueError, match="output_dir is chosen by the run manager"):
+            manager.clone(first.id, {"output_dir": asked})
+    # a folder that a forgotten run left behind (the database was reset) is someone's: not reused
+    leftover = manager.runs_dir / f"run-{first.id + 1:04d}"
+    leftover.mkdir()
+    (leftover / "adapter.bin").write_text("old")
+    second = manager.wait(manager.submit({}, command=script("""
+        import os, pathlib
+        (pathlib.Path(os.environ["WORKBENCH_RUN_DIR"]) / "adapter.bin").write_text("run 2")
+    """)).id)
+    assert second.status == SUCCEEDED and second.output_dir not in (leftover, first.output_dir)
+    assert second.output_dir.parent == manager.runs_dir
+    assert (leftover / "adapter.bin").read_text() == "old" and sorted(p.name for p in leftover.iterdir()) == ["adapter.bin"]
+    assert (first.output_dir / "adapter.bin").read_text() == "run 1"
+    assert (second.output_dir / "adapter.bin").read_text() == "run 2"
+
+
+def test_resume_refuses_a_run_whose_folder_is_outside_the_runs_folder(manager, tmp_path):
+    """A run recorded by an older workbench with output_dir elsewhere (or shared) is not resumed there."""
+    run = manager.wait(manager.submit({}, command=script("pass")).id)
+    with manager._write() as db:
+        db.execute("UPDATE runs SET launcher = 'train', output_dir = ? WHERE id = ?", (str(tmp_path / "elsewhere"), run.id))
+    with pytest.raises(ValueError, match="outside the runs folder"):
+        manager.resume(run.id)
+    other = manager.wait(manager.submit({}, command=script("pass")).id)
+    with manager._write() as db:  # two rows naming one folder: neither may write there again
+        db.execute("UPDATE runs SET launcher = 'train', output_dir = ? WHERE id = ?", (str(other.output_dir), run.id))
+        db.execute("UPDATE runs SET launcher = 'train' WHERE id = ?", (other.id,))
+    with pytest.raises(ValueError, match=f"also the folder of run {run.id}"):
+        manager.resume(other.id)
+    assert manager.get(other.id).status == SUCCEEDED

@@ -210,3 +210,25 @@ def test_resume_says_whether_a_checkpoint_is_there_and_cancel_saves_one(ctx):
     cancel.ask()
     cancel.on_step_end(None, None, control)
     assert control.should_save and control.should_training_stop
+
+
+def test_the_form_cannot_choose_where_a_run_writes(ctx, tmp_path):
+    """Issue 19.1 / 19.2: output_dir in "More keys" or in a clone's edits (/tmp/x, ../x, another run's folder)
+    is refused by the preview, the start and the clone, naming output_dir; nothing is created there."""
+    manager = tab.manager_of(ctx)
+    done = manager.wait(manager.submit({}, command=[sys.executable, "-c", "pass"]).id)
+    attacks = [str(tmp_path / "x"), "../x", "/tmp/x19-form", "runs", f"runs/{done.output_dir.name}",
+               str(done.output_dir)]
+    for target in attacks:
+        extra = json.dumps({"output_dir": target})
+        assert "output_dir is chosen by the run manager" in tab.preview(ctx, form(extra=extra))[2], target
+        run_id, text = tab.start_run(ctx, form(extra=extra))
+        assert run_id is None and "output_dir is chosen by the run manager" in text, (target, text)
+        new_id, text = tab.clone_run(ctx, done.id, extra)
+        assert new_id is None and "output_dir is chosen by the run manager" in text, (target, text)
+    assert [run.id for run in manager.list()] == [done.id]
+    assert not (tmp_path / "x").exists() and not (ctx.workspace.parent / "x").exists()
+    assert not __import__("os").path.exists("/tmp/x19-form")
+    # the preview says where a run will write: the manager's next folder
+    command, config, problems = tab.preview(ctx, form())
+    assert problems == "" and json.loads(config)["output_dir"] == str(manager.runs_dir / f"run-{done.id + 1:04d}")

@@ -145,7 +145,7 @@ class RunManager:
     """Starts, watches, cancels and reconciles runs. Safe to share between threads; several
     managers (processes) may share one database.
 
-    runs_dir: where runs without an explicit output_dir get theirs (runs_dir/run-0007).
+    runs_dir: where every run gets its own new folder (runs_dir/run-0007).
     max_concurrent: how many runs may be running at once; the rest wait queued.
     grace_s: how long a cancelled run has between SIGTERM and SIGKILL.
     monitor: poll in a background thread (the workbench); tests may call `tick()` themselves.
@@ -216,8 +216,11 @@ class RunManager:
                nproc: int = 1, parent_id: int | None = None) -> Run:
         """Queue a run (it starts as soon as a slot is free). Without `command` the run trains:
         `python -m workbench.train run_config.json` (torchrun when nproc > 1). The config is stored
-        in full and written to the output directory; a missing output_dir gets runs_dir/run-N."""
+        in full and written to the run's folder, which this manager picks: a new runs_dir/run-N.
+        A config that names its own output_dir is refused: no run writes outside runs_dir or into
+        another run's folder."""
         config = copy.deepcopy(dict(config))
+        self.check_output_dir(config)
         launcher = "train" if command is None else "command"
         now = time.time()
         with self._write() as db:
@@ -226,31 +229,49 @@ class RunManager:
                 " parent_id) VALUES (?, 'queued', ?, '{}', '[]', ?, '', ?, ?, ?)",
                 (name or "", launcher, int(nproc), str(self.workdir), now, parent_id))
             run_id = cur.lastrowid
-            output_dir = Path(config.get("output_dir") or self.runs_dir / f"run-{run_id:04d}")
-            if not output_dir.is_absolute():
-                output_dir = self.workdir / output_dir
-            output_dir = output_dir.resolve()
+            output_dir = self._new_folder(run_id)
             self._refuse_shared_output_dir(db, run_id, output_dir)
             config["output_dir"] = str(output_dir)
             config_path = output_dir / CONFIG_NAME
             argv = train_command(config_path, nproc, self.python) if command is None else [str(a) for a in command]
             db.execute("UPDATE runs SET name = ?, config = ?, command = ?, output_dir = ? WHERE id = ?",
                        (name or f"run-{run_id:04d}", json.dumps(config), json.dumps(argv), str(output_dir), run_id))
-            output_dir.mkdir(parents=True, exist_ok=True)
             config_path.write_text(json.dumps(config, indent=2))
         self.tick()
         return self.get(run_id)
 
-    @staticmethod
-    def _refuse_shared_output_dir(db, run_id: int, output_dir: Path) -> None:
-        other = db.execute("SELECT id FROM runs WHERE output_dir = ? AND id != ? AND status IN ('queued','running')",
-                           (str(output_dir), run_id)).fetchone()
-        if other:
-            raise ValueError(f"output_dir {output_dir} is in use by run {other['id']}, which has not finished")
+    def check_output_dir(self, config: dict) -> None:
+        """Refuse a config that names its output_dir: the manager picks every run's folder."""
+        if config.get("output_dir"):
+            raise ValueError(f"output_dir is chosen by the run manager (a new folder in {self.runs_dir}); "
+                             f"remove output_dir {config['output_dir']!r} from the config")
+
+    def _new_folder(self, run_id: int) -> Path:
+        """runs_dir/run-N, created now; a folder of that name that already exists (left by a run of an
+        earlier database) belongs to someone else, so the name gets a suffix instead."""
+        for attempt in range(1000):
+            folder = self.runs_dir / (f"run-{run_id:04d}" + (f"-{attempt}" if attempt else ""))
+            try:
+                folder.mkdir()
+            except FileExistsError:  # a link of that name too: never followed
+                continue
+            return folder
+        raise RuntimeError(f"no free folder name for run {run_id} in {self.runs_dir}")
+
+    def _refuse_shared_output_dir(self, db, run_id: int, output_dir: Path) -> None:
+        """A run writes only in its own folder: strictly inside runs_dir, and no other run's folder
+        (whatever its state) is the same, inside it or around it."""
+        folder = Path(output_dir).resolve()
+        if folder == self.runs_dir or not folder.is_relative_to(self.runs_dir):
+            raise ValueError(f"run {run_id}'s folder {output_dir} is outside the runs folder {self.runs_dir}")
+        for row in db.execute("SELECT id, output_dir FROM runs WHERE id != ? AND output_dir != ''", (run_id,)):
+            other = Path(row["output_dir"])
+            if other == folder or other.is_relative_to(folder) or folder.is_relative_to(other):
+                raise ValueError(f"run {run_id}'s folder {output_dir} is also the folder of run {row['id']}")
 
     def clone(self, run_id: int, edits: dict | None = None, *, name: str | None = None) -> Run:
         """A new run with the config of run_id, edited (nested keys merge; None removes a key).
-        It gets its own output directory unless the edits name one; it does not resume."""
+        It gets its own new folder (edits that name an output_dir are refused); it does not resume."""
         source = self.get(run_id)
         config = deep_merge(source.config, {"output_dir": None, "resume": None, **(edits or {})})
         command = None if source.launcher == "train" else source.command

@@ -148,12 +148,13 @@ def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
     except (ConfigError, ValueError, TypeError) as e:
         return "", "", f"**Cannot start:** {e}"
     problems = ""
-    try:
-        check_inputs(parse_config(config, base_dir=ctx.workspace))
-    except ConfigError as e:
-        problems = f"**Cannot start:** {e}"
     manager = manager_of(ctx)
-    next_dir = Path(config.get("output_dir") or manager.runs_dir / f"run-{_next_run_id(manager):04d}")
+    try:
+        manager.check_output_dir(config)
+        check_inputs(parse_config(config, base_dir=ctx.workspace))
+    except ValueError as e:  # ConfigError too
+        problems = f"**Cannot start:** {e}"
+    next_dir = manager.runs_dir / f"run-{_next_run_id(manager):04d}"
     shown = dict(config, output_dir=str(next_dir))
     command = shlex.join(train_command(next_dir / CONFIG_NAME, nproc))
     return f"cd {shlex.quote(str(manager.workdir))}\n{command}", json.dumps(shown, indent=2), problems
@@ -169,6 +170,7 @@ def start_run(ctx: AppContext, values: dict, name: str = "") -> tuple[int | None
     naming the keys, before any process starts."""
     try:
         config, nproc = form_config(ctx, values)
+        manager_of(ctx).check_output_dir(config)
         check_inputs(parse_config(config, base_dir=ctx.workspace))
         run = manager_of(ctx).submit(config, name=name.strip() or None, nproc=nproc)
     except (ConfigError, ValueError, TypeError) as e:
@@ -347,6 +349,7 @@ def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int
         source = manager.get(int(run_id))
         from workbench.jobs import deep_merge
 
+        manager.check_output_dir(edits)
         check_inputs(parse_config(deep_merge(source.config, {"output_dir": None, "resume": None, **edits}),
                                   base_dir=source.workdir))
         run = manager.clone(int(run_id), edits)
