@@ -24,7 +24,8 @@ def cache():
 
 
 def run(ctx, cache, *, text=EXAMPLE, model="default", layer=1, head=0, mean=True, mode="on", start=0, window=0):
-    return show(text, model, None, layer, head, mean, 0, mode, start, window, ctx, cache)
+    uploads = [ctx.workspace / EXAMPLE_IMAGE]  # the tab offers the example's image as an upload
+    return show(text, model, uploads, layer, head, mean, 0, mode, start, window, ctx, cache)
 
 
 def test_show_computes_the_map_the_chart_and_the_overlay(ctx, cache):

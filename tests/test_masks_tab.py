@@ -59,15 +59,26 @@ def test_a_bad_conversation_warns_with_a_toast_that_expires(monkeypatch):
     assert kw.get("duration") is not None and 0 < kw["duration"] <= 30  # None: it never closes
 
 
-def test_images_are_taken_from_uploads_or_the_workspace_only(tmp_path):
+def test_images_are_taken_from_the_uploads_only(tmp_path):
+    """Issue 19.3: nothing else on the server, the workspace included, and one error whatever exists."""
     from workbench.ui.context import AppContext
 
     ctx = AppContext.create(tmp_path / "ws")
     upload = shapes_png(tmp_path / "red.png")
+    shapes_png(ctx.workspace / "exports" / "blue.png")
     record = {"conversations": [{"from": "human", "value": "<image>hi"}], "images": ["some/dir/red.png"]}
     assert resolve_images(record, [str(upload)], ctx)["images"] == [str(upload.resolve())]
-    with pytest.raises(ValueError, match="outside the workspace"):
-        resolve_images(dict(record, images=["../../etc/passwd"]), [], ctx)
+    errors = {}
+    for image in ("../../etc/passwd", "/etc/passwd", "/no/such.png", str(upload), "exports/blue.png", "workbench.db",
+                  "exports", "nothing.png"):
+        with pytest.raises(ValueError) as refused:
+            resolve_images(dict(record, images=[image]), [], ctx)
+        errors[image] = str(refused.value).replace(repr(image), "IMAGE")
+    assert len(set(errors.values())) == 2, errors  # absolute or '..'; not uploaded
+    assert not any(str(tmp_path) in e for e in errors.values())
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="2 uploaded images are called 'red.png'"):
+        resolve_images(record, [str(upload), str(shapes_png(tmp_path / "other" / "red.png"))], ctx)
 
 
 @pytest.mark.browser

@@ -193,14 +193,17 @@ def mask(page: Page, conversation: dict, uploads: list | None = None):
 
 def test_the_masks_tab_follows_the_same_rule(page, workspace):
     """Masks (and Attention) read images from the request's uploads only; the workspace's own files
-    (the database, run logs, other people's uploads) are as unknown to it as /etc/passwd."""
+    (the database, run logs, exports, other people's uploads) are as unknown to it as /etc/passwd: what
+    it says depends on the name as written (absolute or '..', or not uploaded), not on the disk."""
     shapes_png(workspace / "exports" / "in-workspace.png")
-    statuses = {}
-    for probe in [*PROBES, "workbench.db", "runs/run-0001/run.log", "runs", "exports/in-workspace.png"]:
-        statuses[probe] = mask(page, record(probe))[3]
-    shapes = {s.replace(repr(p), "IMAGE") for p, s in statuses.items()}
-    assert len(shapes) == 1, statuses
-    assert "not in the upload" in next(iter(shapes)) and str(workspace) not in next(iter(shapes))
+    outside = {p: mask(page, record(p))[3] for p in PROBES}
+    inside = {p: mask(page, record(p))[3] for p in ["workbench.db", "runs/run-0001/run.log", "runs", "no-such.png",
+                                                     "exports/in-workspace.png", "server.log"]}
+    for statuses in (outside, inside):
+        shapes = {s.replace(repr(p), "IMAGE") for p, s in statuses.items()}
+        assert len(shapes) == 1, statuses
+        assert "Cannot show" in next(iter(shapes)) and str(workspace) not in next(iter(shapes))
+    assert "not in the upload" in next(iter(inside.values()))
     # the image uploaded with the request is found by its name
     from gradio_client import handle_file
 

@@ -17,7 +17,7 @@ from workbench.attention import (AttentionResult, AttentionUnsupported, attentio
 from workbench.chat import ModelPool, shared_pool, vlm_key
 from workbench.mask_view import parse_conversation_text, token_label
 from workbench.ui.context import AppContext
-from workbench.ui.masks import resolve_images
+from workbench.ui.masks import UPLOADS_LABEL, resolve_images
 
 EXAMPLE_IMAGE = "examples/attention-scene.png"
 EXAMPLE = json.dumps({
@@ -154,7 +154,7 @@ def redraw(result, mode, start, window):
 
 def build(ctx: AppContext, cache: ModelCache | None = None) -> None:
     cache = cache or ModelCache()
-    write_example_image(ctx)
+    example_image = write_example_image(ctx)
     gr.Markdown("A real model's attention on the conversation: one layer (a head, or the mean over heads), "
                 "with HSA off and on. Only the chosen layer's map is kept; the per-layer chart shows how much "
                 "attention GLOBAL/LANDMARK text tokens pay to NOISE tokens and to the image.")
@@ -167,8 +167,10 @@ def build(ctx: AppContext, cache: ModelCache | None = None) -> None:
                 model = gr.Dropdown(ctx.embedded_names(), value="default", allow_custom_value=True, scale=3,
                                     label="Model (an embedded one, a path or a hub id)", elem_id="attn-model")
                 max_length = gr.Number(0, label="Max tokens (0: none)", precision=0, minimum=0, scale=1)
-            with gr.Accordion("Images named in the JSON", open=False):
-                uploads = gr.File(label="Images (matched by file name)", file_count="multiple", file_types=["image"])
+            with gr.Accordion(UPLOADS_LABEL, open=False):
+                # the example's image comes as an upload: images are read from the uploads only
+                uploads = gr.File([str(example_image)], label="Images (matched by file name)", file_count="multiple",
+                                  file_types=["image"])
         with gr.Column(scale=2):
             layer = gr.Slider(0, 31, value=0, step=1, label="Layer", elem_id="attn-layer")
             with gr.Row():

@@ -11,6 +11,7 @@ from workbench.mask_view import (SUMMARY_HEADERS, build_mask_view, mask_figure, 
                                  parse_conversation_text, role_counts, token_highlights)
 from workbench.ui.context import AppContext, cached_processor
 
+UPLOADS_LABEL = "Images named in the JSON"
 WARNING_SECONDS = 8  # a warning toast closes itself; toasts that never expire pile up
 
 EXAMPLE_MARKED = """[system]
@@ -39,20 +40,32 @@ EXAMPLE_SHAREGPT = """{
 }"""
 
 
-def resolve_images(record: dict, uploads: list | None, ctx: AppContext) -> dict:
-    """Images named in the record come from this request's uploads (matched by file name) or
-    from the workspace; nothing outside the workspace is read."""
-    by_name = {Path(p).name: str(Path(p).resolve()) for p in (uploads or [])}
+def resolve_images(record: dict, uploads: list | None, ctx: AppContext | None = None) -> dict:
+    """The record's images are this request's uploads, looked up as Annotate's import looks them up
+    (`workbench.store.io`): a relative path without '..', found by its file name (a browser sends files
+    without their folders) when exactly one uploaded file has it. Nothing else on the server is read,
+    and what the error says depends on the name as written only, not on what exists on the disk."""
     images = record.get("images") or []
     if not isinstance(images, list):
         return record  # align names the problem
+    by_name: dict[str, list[str]] = {}
+    for path in uploads or []:
+        by_name.setdefault(Path(str(path)).name, []).append(str(Path(str(path)).resolve()))
     resolved = []
-    for image in images:
-        name = Path(str(image)).name
-        if name in by_name:
-            resolved.append(by_name[name])
-        else:
-            resolved.append(str(ctx.inside_workspace(str(image))))
+    for k, image in enumerate(images):
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"image {k} must be a file name, got {image!r}")
+        where = f"image {k} ({image!r})"
+        relative = Path(image.replace("\\", "/"))
+        if relative.is_absolute() or relative.drive or ".." in relative.parts:
+            raise ValueError(f"{where}: only images uploaded with the conversation are used (no absolute paths, "
+                             f"no '..'); add it under {UPLOADS_LABEL!r}")
+        found = by_name.get(relative.name, [])
+        if len(found) > 1:
+            raise ValueError(f"{where}: {len(found)} uploaded images are called {relative.name!r}; rename one")
+        if not found:
+            raise ValueError(f"{where} is not in the upload: add it under {UPLOADS_LABEL!r}")
+        resolved.append(found[0])
     return dict(record, images=resolved)
 
 
@@ -95,7 +108,7 @@ def build(ctx: AppContext) -> None:
                 model = gr.Textbox("default", label="Tokenizer of model (default, composed, a path or a hub id)", scale=3,
                                    elem_id="mask-model")
                 max_length = gr.Number(0, label="Max length (0: none)", precision=0, scale=1, minimum=0)
-            with gr.Accordion("Images named in the JSON", open=False):
+            with gr.Accordion(UPLOADS_LABEL, open=False):
                 uploads = gr.File(label="Images (matched by file name)", file_count="multiple",
                                   file_types=["image"])
             with gr.Row():
