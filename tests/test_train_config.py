@@ -117,3 +117,40 @@ def test_check_refuses_what_cannot_run_and_paths_are_the_files(tmp_path):
         result = check(bad, cwd=tmp_path)
         assert result.returncode == 2 and reason in result.stderr, (config, result.stderr)
         assert time.monotonic() - t0 < 60
+
+
+def test_a_run_never_writes_into_a_folder_that_holds_something(tmp_path):
+    """Issue 19.1 / 19.2 for the command line: output_dir must be new or empty (or hold only the run manager's
+    run_config.json and run.log); another run's folder or a system folder (../../../../etc) is refused by
+    --check and by the run itself, unless resume continues the run that is there."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "data.json").write_text("[]")
+    other = tmp_path / "runs" / "run-0003"
+    (other / "adapter").mkdir(parents=True)
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    up = "../" * len(folder.parts)
+    for output_dir in [str(other), "../runs/run-0003", f"{up}etc", "/etc"]:
+        bad = folder / "bad.json"
+        bad.write_text(json.dumps({"dataset": "data.json", "output_dir": output_dir}))
+        result = check(bad, cwd=tmp_path)
+        assert result.returncode == 2 and "output_dir" in result.stderr and "not empty" in result.stderr, \
+            (output_dir, result.stderr)
+        result = subprocess.run([sys.executable, "-m", "workbench.train", str(bad)], cwd=tmp_path,
+                                capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+        assert result.returncode == 2 and "not empty" in result.stderr, result.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["adapter", "metrics.jsonl"]
+    # a new folder, an empty one, one with only the run manager's files, or a resume: accepted
+    (tmp_path / "empty").mkdir()
+    managed = tmp_path / "runs" / "run-0004"
+    managed.mkdir()
+    (managed / "run.log").write_text("=== run 4\n")
+    for config in [{"output_dir": "../new"}, {"output_dir": str(tmp_path / "empty")},
+                   {"output_dir": str(managed)}, {"output_dir": str(other), "resume": True}]:
+        ok = folder / "ok.json"
+        ok.write_text(json.dumps({"dataset": "data.json", **config}))
+        if config["output_dir"] == str(managed):
+            ok = managed / "run_config.json"
+            ok.write_text(json.dumps({"dataset": str(folder / "data.json"), **config}))
+        result = check(ok, cwd=tmp_path)
+        assert result.returncode == 0, (config, result.stderr)

@@ -2,8 +2,8 @@
 
 Under several processes: `torchrun --nproc_per_node=2 -m workbench.train CONFIG.json` (or
 `accelerate launch -m workbench.train CONFIG.json`)."""
-from .config import (DEFAULT_MODEL, KEYS, ConfigError, TrainConfig, check_inputs, defaults, load_config_file,
-                     parse_config)
+from .config import (DEFAULT_MODEL, KEYS, ConfigError, TrainConfig, check_inputs, check_output_dir, defaults,
+                     load_config_file, parse_config)
 
 __all__ = ["TrainConfig", "ConfigError", "parse_config", "load_config_file", "defaults", "KEYS", "DEFAULT_MODEL",
            "train", "main"]
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
     import json
+    import os
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m workbench.train",
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         # relative paths in the file are relative to the file's folder, wherever the command runs
         config = parse_config(load_config_file(args.config), base_dir=Path(args.config).resolve().parent)
         check_inputs(config)
+        if int(os.environ.get("RANK", 0)) == 0:  # the other ranks start when rank 0 may already write there
+            check_output_dir(config, Path(args.config))
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2

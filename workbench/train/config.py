@@ -373,6 +373,32 @@ def check_inputs(c: TrainConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
+# what the run manager writes into a run's new folder before the run starts (workbench.jobs.manager)
+MANAGER_FILES = ("run_config.json", "run.log")
+
+
+def check_output_dir(c: TrainConfig, config_file: Path | None = None) -> None:
+    """A new run writes only into a new or empty folder (or one holding just the run manager's files and
+    this config file), never into another run's folder or a folder of other files; `resume` continues the
+    run that is there. Raises ConfigError naming output_dir."""
+    if c.resume is not False:
+        return
+    folder = Path(c.output_dir)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"output_dir {folder} is a file, not a folder")
+    ours = set(MANAGER_FILES) | ({Path(config_file).name} if config_file and Path(config_file).resolve().parent
+                                 == folder.resolve() else set())
+    try:
+        found = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+    except OSError as error:
+        raise ConfigError(f"output_dir {folder} cannot be read: {error}") from None
+    if found:
+        raise ConfigError(f"output_dir {folder} is not empty ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}): "
+                          "a new run needs a new or empty folder, or resume: true to continue the run there")
+
+
 def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
     import os
 
