@@ -21,11 +21,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workspace", type=Path, default=ROOT / "workspace",
                         help="where uploads, exports, runs and the database live")
     parser.add_argument("--db", type=Path, default=None, help="annotation database (default: WORKSPACE/workbench.db)")
+    parser.add_argument("--max-upload-mb", type=float, default=64, metavar="MB",
+                        help="largest file a browser may upload (default: 64)")
     parser.add_argument("--default-model", type=Path, default=None,
                         help="the model used when none is chosen (default: the embedded default VLM)")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASSWORD")
+    if not args.max_upload_mb > 0:
+        parser.error("--max-upload-mb takes a size in MB above 0")
     return args
 
 
@@ -44,8 +48,9 @@ def build_app(ctx):
     import gradio as gr
 
     from workbench.ui import annotate, attention, chat, masks, train
+    from workbench.web import UPLOAD_CLEANUP
 
-    with gr.Blocks(title="HSA Workbench") as app:
+    with gr.Blocks(title="HSA Workbench", delete_cache=UPLOAD_CLEANUP) as app:
         gr.Markdown("# HSA Workbench\nLabel conversation tokens as **global** / **landmark** / **noise**, "
                     "see the attention mask they make, train under it, and chat with the result.")
         with gr.Tabs() as tabs:
@@ -96,16 +101,20 @@ def main(argv=None) -> None:
 
     from workbench.jobs.processes import thread_split
     from workbench.ui.context import AppContext
+    from workbench.web import launch_options, sweep_uploads
 
     torch.set_num_threads(thread_split()[0])  # the rest of the cores are for runs
 
     ctx = AppContext.create(workspace, db_path=args.db, default_model=args.default_model)
+    sweep_uploads(ctx.workspace / "tmp")  # uploads left by a server that was killed
     app = build_app(ctx)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     app.queue(default_concurrency_limit=4)
     # Gradio's own start lines speak of launch(share=True) and GRADIO_SERVER_PORT: ours speak of the options
+    # served: images, exports and the example only; uploads limited, other sites refused, logins slowed
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, quiet=True,
-               allowed_paths=[str(ctx.workspace)], show_error=True, footer_links=["api"], prevent_thread_lock=True)
+               show_error=True, footer_links=["api"], prevent_thread_lock=True,
+               **launch_options(ctx, max_upload_mb=args.max_upload_mb, share_url=lambda: app.share_url))
     print(f"HSA Workbench on http://{args.host}:{args.port}" +
           (f" and {app.share_url}" if args.share and app.share_url else
            "" if args.share else " (--share also opens a public link; --host 0.0.0.0 serves the network)"),
