@@ -298,8 +298,9 @@ class RunManager:
 
     # ---- cancelling ----------------------------------------------------------------------
     def cancel(self, run_id: int) -> Run:
-        """A queued run is cancelled at once; a running one gets SIGTERM (its whole process group)
-        and SIGKILL after grace_s if it is still there. Finished runs are left as they are."""
+        """A queued run is cancelled at once; a running one gets SIGTERM (every process of it: its process
+        group and the processes carrying its marker, such as DDP ranks) and SIGKILL after grace_s if any is
+        still there. Finished runs are left as they are."""
         now = time.time()
         with self._write() as db:
             run = Run.from_row(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
@@ -310,7 +311,7 @@ class RunManager:
                 if run.cancel_requested_at is None:
                     db.execute("UPDATE runs SET cancel_requested_at = ? WHERE id = ?", (now, run_id))
                 if self._is_alive(run):
-                    processes.signal_group(run.pgid, signal.SIGTERM)
+                    processes.signal_run(run.pgid, _marker(run), signal.SIGTERM)
         self.tick()
         return self.get(run_id)
 
@@ -362,13 +363,20 @@ class RunManager:
                     continue  # another machine's run (shared database): it is that machine's to judge
                 if self._is_alive(run):
                     if run.cancel_requested_at is not None and now - run.cancel_requested_at > self.grace_s:
-                        processes.signal_group(run.pgid, signal.SIGKILL)
+                        processes.signal_run(run.pgid, _marker(run), signal.SIGKILL)
                     continue
                 self._finish(db, run, now)
 
     def _finish(self, db, run: Run, now: float) -> None:
-        if run.pgid and processes.group_members(run.pgid):
-            processes.signal_group(run.pgid, signal.SIGKILL)  # the leader died; take its group with it
+        """Record how a run whose supervisor has gone ended. What it left (its group, DDP ranks in sessions of
+        their own) is killed first; while any of it still lives, the run stays running until a later round."""
+        marker = _marker(run)
+        if processes.signal_run(run.pgid, marker, signal.SIGKILL):
+            deadline = time.monotonic() + 0.5
+            while processes.run_processes(run.pgid, marker):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
         child = self._children.pop(run.id, None)
         supervisor_code = child.poll() if child is not None else None
         outcome = _read_json(run.output_dir / EXIT_NAME)
@@ -473,6 +481,11 @@ class RunManager:
 
     def log_tail(self, run_id: int, max_lines: int = 200) -> str:
         return tail_text(self.get(run_id).log_path, max_lines=max_lines)
+
+
+def _marker(run: Run) -> str | None:
+    """The marker in the environment of every process of the run (its supervisor sets it)."""
+    return processes.run_marker(run.pid, run.proc_start) if run.host == processes.HOST else None
 
 
 def _read_json(path: Path) -> dict | None:

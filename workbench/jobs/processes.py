@@ -55,38 +55,69 @@ def is_alive(pid: int | None, token: str | None) -> bool:
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
-    members = []
+    return run_processes(pgid, None)
+
+
+# Every process of a run carries this variable in its environment (the supervisor sets it for the command;
+# children inherit it): torchrun starts each DDP rank in a session of its own, outside the run's process
+# group, and the marker is how the run's processes are found anyway.
+RUN_MARKER = "WORKBENCH_RUN_MARKER"
+
+
+def run_marker(pid: int | None, token: str | None) -> str | None:
+    """The marker of the run whose supervisor is (pid, start token): unique per launch on this host."""
+    return f"{HOST}:{pid}:{token}" if pid and token else None
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    except OSError:  # no /proc: psutil's way (macOS)
+        return [f"{k}={v}".encode() for k, v in psutil.Process(pid).environ().items()]
+
+
+def run_processes(pgid: int | None, marker: str | None) -> list[int]:
+    """Live (non-zombie) processes of a run: the members of its process group and every process that
+    carries its marker (DDP ranks in sessions of their own, their children). Never this process."""
+    entry = f"{RUN_MARKER}={marker}".encode() if marker else None
+    me, found = os.getpid(), []
     for proc in psutil.process_iter(["status"]):
+        if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
         try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
+            if (pgid and pgid > 1 and os.getpgid(proc.pid) == pgid) or (entry and entry in _environ(proc.pid)):
+                found.append(proc.pid)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-    return members
+    return found
 
 
-def signal_group(pgid: int | None, sig: int) -> bool:
-    """Send a signal to every process of a group; False if the group is already gone."""
-    if not pgid or pgid <= 1:  # never signal init's group or our own by accident
-        return False
-    if pgid == os.getpgrp():
+def signal_run(pgid: int | None, marker: str | None, sig: int, *, own_group: bool = False) -> bool:
+    """Send a signal to every process of a run (run_processes); False if none was left. Only the run's
+    supervisor, which leads the run's group, passes own_group=True."""
+    if pgid == os.getpgrp() and not own_group:
         raise RuntimeError("refusing to signal the workbench's own process group")
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
+    sent = False
+    for pid in run_processes(pgid, marker):
+        try:
+            os.kill(pid, sig)
+            sent = True
+        except ProcessLookupError:
+            pass
+    return sent
 
 
-def terminate_group(pgid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the group, wait up to grace_s for it to exit, then SIGKILL what is left."""
+def terminate_run(pgid: int | None, marker: str | None, grace_s: float = 5.0, *, own_group: bool = False) -> None:
+    """SIGTERM every process of a run, wait up to grace_s for them to exit, then SIGKILL what is left."""
     import time
 
-    if not signal_group(pgid, signal.SIGTERM):
+    if not signal_run(pgid, marker, signal.SIGTERM, own_group=own_group):
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if not group_members(pgid):
+        if not run_processes(pgid, marker):
             return
         time.sleep(0.05)
-    signal_group(pgid, signal.SIGKILL)
+    signal_run(pgid, marker, signal.SIGKILL, own_group=own_group)

@@ -4,7 +4,8 @@ It starts CMD in its own process group (which the run manager created with a new
 for it, and writes CMD's exit status to EXIT_FILE. The run manager that started a run may restart
 while it trains; the exit file is how a later manager learns whether the run succeeded or failed
 (a process that is not your child has no exit status you can read). When CMD ends, whatever it left
-behind in the group (dataloader workers, DDP ranks) is terminated, so a run leaves no orphans.
+behind (dataloader workers, DDP ranks: in the group or carrying the run's marker) is terminated, so a
+run leaves no orphans.
 """
 from __future__ import annotations
 
@@ -16,33 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.jobs.processes import group_members
+from workbench.jobs.processes import RUN_MARKER, run_marker, start_token, terminate_run
 
 
 def _write_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
-
-
-def _reap_leftovers(grace_s: float = 5.0) -> None:
-    me = os.getpid()
-    group = os.getpgrp()
-    leftovers = [p for p in group_members(group) if p != me]
-    for pid in leftovers:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while leftovers and time.monotonic() < deadline:
-        time.sleep(0.05)
-        leftovers = [p for p in group_members(group) if p != me]
-    for pid in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def main(argv: list[str]) -> int:
@@ -56,15 +37,18 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     started = time.time()
+    # the command and everything it starts carry the run's marker: DDP ranks that torchrun puts in sessions
+    # of their own are found by it (the run manager computes the same marker from this process's pid)
+    marker = run_marker(os.getpid(), start_token(os.getpid()))
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, env={**os.environ, RUN_MARKER: marker})
     except OSError as e:
         print(f"cannot start {command[0]!r}: {e}", file=sys.stderr, flush=True)
         _write_atomically(exit_file, {"returncode": 127, "started_at": started, "ended_at": time.time(),
                                       "error": str(e)})
         return 127
     returncode = child.wait()
-    _reap_leftovers()
+    terminate_run(os.getpgrp(), marker, own_group=True)  # what the command left behind: workers, DDP ranks
     _write_atomically(exit_file, {"returncode": returncode, "started_at": started, "ended_at": time.time(),
                                   "signals": received})
     return returncode if returncode >= 0 else 128 - returncode
