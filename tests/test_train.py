@@ -186,3 +186,32 @@ def test_a_run_with_a_bad_config_key_fails_naming_it(manager, tmp_path):
     run = manager.wait(manager.submit({"dataset": "d.json", "max_stepz": 3}).id, timeout=120)
     assert run.status == FAILED and run.exit_code == 2
     assert "unknown key 'max_stepz'" in run.error and "did you mean 'max_steps'" in run.error
+
+
+def test_sigkill_of_torchrun_mid_ddp_training_leaves_no_rank_and_no_late_adapter(manager, default_model, shapes_json):
+    """Issue 19.8 with the real trainer: torchrun killed while its two ranks train; the ranks (each in a
+    session of its own) end before the run is marked failed, and nothing is saved afterwards."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from workbench.jobs.processes import run_marker, run_processes
+
+    config = {"dataset": str(shapes_json), "max_steps": 100000, "save_steps": 100000, "hsa": True,
+              "base_model": str(default_model), "batch_size": 1, "lora_r": 4}
+    run = manager.submit(config, nproc=2)
+    marker = run_marker(run.pid, run.proc_start)
+    wait_for(lambda: manager.tick() or any(m.get("step", 0) >= 2 for m in manager.metrics(run.id)), timeout=400)
+    ranks = [p.pid for p in psutil.process_iter() if p.pid in run_processes(run.pgid, marker)
+             and os.getpgid(p.pid) != run.pgid]
+    assert len(ranks) == 2, manager.log_tail(run.id)  # the two ranks, outside the run's group
+    launcher = [p for p in psutil.Process(run.pid).children() if "torch.distributed.run" in " ".join(p.cmdline())]
+    launcher[0].send_signal(signal.SIGKILL)
+    run = manager.wait(run.id, timeout=120)
+    assert run.status == FAILED and "SIGKILL" in run.error
+    assert run_processes(run.pgid, marker) == []
+    before = sorted(str(p) for p in run.output_dir.rglob("*"))
+    time.sleep(3)
+    assert sorted(str(p) for p in run.output_dir.rglob("*")) == before and not (run.output_dir / "adapter").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from models.zoo import DEFAULT_VLM_DIR as DEFAULT_VLM
 from models.zoo import EMBEDDED
+from workbench.paths import PathRule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,14 +18,25 @@ class AppContext:
     db_path: Path  # the annotation database
     runs_dir: Path  # training runs: one directory each
     default_model: Path = DEFAULT_VLM
+    allowed_paths: tuple[Path, ...] = ()  # folders the operator named (--allow-path) besides the workspace
+    confined: bool = False  # others can reach the server: forms name files in the workspace and those only
 
     @classmethod
-    def create(cls, workspace: Path, db_path: Path | None = None, default_model: Path | None = None):
+    def create(cls, workspace: Path, db_path: Path | None = None, default_model: Path | None = None,
+               allowed_paths=(), confined: bool = False):
         workspace = Path(workspace).resolve()
         for sub in ("uploads", "exports", "runs", "tmp"):
             (workspace / sub).mkdir(parents=True, exist_ok=True)
         return cls(workspace=workspace, db_path=Path(db_path or workspace / "workbench.db").resolve(),
-                   runs_dir=workspace / "runs", default_model=Path(default_model or DEFAULT_VLM))
+                   runs_dir=workspace / "runs", default_model=Path(default_model or DEFAULT_VLM),
+                   allowed_paths=tuple(Path(p).resolve() for p in allowed_paths), confined=confined)
+
+    @property
+    def paths(self) -> PathRule:
+        """The rule for paths typed into a form (workbench.paths): the workspace, the allowed folders and
+        the annotation database; embedded models, the default model and hub ids."""
+        return PathRule(self.workspace, allowed=(*self.allowed_paths, self.db_path), confined=self.confined,
+                        models=(self.default_model,))
 
     def resolve_model(self, name: str | None) -> str:
         """'' / 'default' -> the default model; an embedded model's name ('composed', ...) -> its
