@@ -29,6 +29,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 
 MAX_UPLOAD_MB = 64  # per file; `python app.py --max-upload-mb N`
 UPLOAD_CLEANUP = (3600, 86400)  # Gradio's delete_cache: every hour, uploads older than a day
+LOGIN_MESSAGE = ("After 5 wrong passwords, logins from your address are refused for 1 s, then 2 s, 4 s, … "
+                 "(at most 5 min): wait a moment before trying again.")
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/tiff"}
 
 
@@ -52,6 +54,8 @@ def launch_options(ctx, *, max_upload_mb: float = MAX_UPLOAD_MB, share_url=lambd
         "blocked_paths": blocked_paths(ctx),
         "max_file_size": int(max_upload_mb * 1024 * 1024),
         "num_workers": 0,  # files are served by this process, through the middleware below
+        # Gradio's login page says "Incorrect credentials" for a refused login too: say why it may be
+        "auth_message": LOGIN_MESSAGE,
         "app_kwargs": {"middleware": [Middleware(SameOrigin, trusted=share_url), Middleware(LoginBackoff),
                                       Middleware(ServedFiles)]},
     }
