@@ -232,3 +232,51 @@ def test_the_form_cannot_choose_where_a_run_writes(ctx, tmp_path):
     # the preview says where a run will write: the manager's next folder
     command, config, problems = tab.preview(ctx, form())
     assert problems == "" and json.loads(config)["output_dir"] == str(manager.runs_dir / f"run-{done.id + 1:04d}")
+
+
+def test_a_server_reachable_by_others_trains_only_on_files_in_the_workspace_or_allowed_folders(tmp_path):
+    """Issue 19.7: with --share / --auth / a non-loopback --host, the form's dataset, base model and the
+    paths in "More keys" (image_root, store_db, resume) lie in the workspace or an --allow-path folder;
+    embedded models and hub ids stay allowed; a local server keeps reading what its user names."""
+    from workbench.paths import PathRefused
+    from workbench.store import Store
+
+    outside, shared = tmp_path / "outside", tmp_path / "shared"
+    for folder in (outside, shared):
+        folder.mkdir()
+        (folder / "data.json").write_text("[]")
+    with Store(outside / "other.db"):
+        pass
+    exposed = AppContext.create(tmp_path / "ws", allowed_paths=[shared], confined=True)
+    (exposed.workspace / "shapes.json").write_text("[]")
+    try:
+        attacks = [form(dataset=str(outside / "data.json")), form(dataset="../outside/data.json"),
+                   form(dataset="/etc/passwd"), form(base_model=str(outside)), form(base_model="../outside"),
+                   form(extra=json.dumps({"image_root": "/etc"})), form(extra=json.dumps({"image_root": "../.."})),
+                   form(dataset="store:x", extra=json.dumps({"store_db": str(outside / "other.db")})),
+                   form(extra=json.dumps({"resume": str(outside)}))]
+        for values in attacks:
+            run_id, text = tab.start_run(exposed, values)
+            assert run_id is None and "outside the workspace" in text, (values, text)
+            assert "outside the workspace" in tab.preview(exposed, values)[2]
+        assert tab.manager_of(exposed).list() == []
+        with pytest.raises(PathRefused):
+            tab.confine_paths(exposed, {"dataset": "/etc/passwd", "base_model": "default"})
+        for values in [form(), form(dataset=str(shared / "data.json")), form(base_model="composed")]:
+            assert "outside the workspace" not in tab.preview(exposed, values)[2], values
+        assert "outside the workspace" not in tab.preview(exposed, form(base_model="Qwen/Qwen2.5-VL-3B-Instruct"))[2]
+        config = tab.confine_paths(exposed, {"dataset": "shapes.json", "base_model": "Qwen/Qwen2.5-VL-3B-Instruct",
+                                             "image_root": "images"})
+        assert config == {"dataset": str(exposed.workspace / "shapes.json"), "image_root": str(exposed.workspace / "images"),
+                          "base_model": "Qwen/Qwen2.5-VL-3B-Instruct"}
+        # a clone's edits follow the same rule
+        manager = tab.manager_of(exposed)
+        done = manager.wait(manager.submit({"dataset": str(exposed.workspace / "shapes.json")},
+                                           command=[sys.executable, "-c", "pass"]).id)
+        new_id, text = tab.clone_run(exposed, done.id, json.dumps({"dataset": str(outside / "data.json")}))
+        assert new_id is None and "outside the workspace" in text
+    finally:
+        tab.manager_of(exposed).close()
+        tab.manager_for.cache_clear()
+    local = AppContext.create(tmp_path / "ws-local")
+    assert tab.preview(local, form(dataset=str(outside / "data.json")))[2] == ""

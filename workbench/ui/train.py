@@ -20,7 +20,7 @@ import gradio as gr
 
 from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
 from workbench.jobs.manager import CONFIG_NAME
-from workbench.train.config import SCHEDULERS, ConfigError, check_inputs, defaults, parse_config
+from workbench.train.config import SCHEDULERS, STORE_PREFIX, ConfigError, check_inputs, defaults, parse_config
 from workbench.train.run import ADAPTER_DIR, GATE_STATS, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
 
@@ -137,7 +137,21 @@ def form_config(ctx: AppContext, values: dict) -> tuple[dict, int]:
         if not isinstance(more, dict):
             raise ConfigError("extra keys: a JSON object, e.g. {\"save_steps\": 20}")
         config.update(more)
-    return config, max(1, int(values.get("nproc") or 1))
+    return confine_paths(ctx, config), max(1, int(values.get("nproc") or 1))
+
+
+def confine_paths(ctx: AppContext, config: dict) -> dict:
+    """The config with the files a run would read (dataset, annotation database, image folder, checkpoint,
+    base model) resolved against the workspace and checked by the workbench's path rule: on a server that
+    others can reach, only the workspace and the folders the operator allowed (workbench.paths)."""
+    rule, config = ctx.paths, dict(config)
+    for key in ("dataset", "store_db", "image_root", "resume"):
+        value = config.get(key)
+        if isinstance(value, str) and value and not (key == "dataset" and value.startswith(STORE_PREFIX)):
+            config[key] = str(rule.path(value, key))
+    if isinstance(config.get("base_model"), str) and config["base_model"]:
+        config["base_model"] = rule.model(config["base_model"])
+    return config
 
 
 def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
@@ -350,8 +364,9 @@ def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int
         from workbench.jobs import deep_merge
 
         manager.check_output_dir(edits)
-        check_inputs(parse_config(deep_merge(source.config, {"output_dir": None, "resume": None, **edits}),
-                                  base_dir=source.workdir))
+        edits = confine_paths(ctx, edits)
+        check_inputs(parse_config(confine_paths(ctx, deep_merge(source.config, {"output_dir": None, "resume": None,
+                                                                               **edits})), base_dir=source.workdir))
         run = manager.clone(int(run_id), edits)
     except (json.JSONDecodeError, ValueError) as e:
         return None, f"**Not cloned:** {e}"
