@@ -25,11 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="largest file a browser may upload (default: 64)")
     parser.add_argument("--default-model", type=Path, default=None,
                         help="the model used when none is chosen (default: the embedded default VLM)")
+    parser.add_argument("--allow-path", type=Path, action="append", default=[], metavar="DIR",
+                        help="a folder besides the workspace whose files forms may name (datasets, models) when "
+                             "others can reach the server (--share, --auth, a --host that is not loopback); repeatable")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASSWORD")
     if not args.max_upload_mb > 0:
         parser.error("--max-upload-mb takes a size in MB above 0")
+    for folder in args.allow_path:
+        if not folder.is_dir():
+            parser.error(f"--allow-path {folder}: not a folder")
     return args
 
 
@@ -105,7 +111,11 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(thread_split()[0])  # the rest of the cores are for runs
 
-    ctx = AppContext.create(workspace, db_path=args.db, default_model=args.default_model)
+    from workbench.paths import reachable_by_others
+
+    # reachable by others: forms name files in the workspace and the --allow-path folders only (workbench.paths)
+    ctx = AppContext.create(workspace, db_path=args.db, default_model=args.default_model, allowed_paths=args.allow_path,
+                            confined=reachable_by_others(args.host, share=args.share, auth=bool(args.auth)))
     sweep_uploads(ctx.workspace / "tmp")  # uploads left by a server that was killed
     app = build_app(ctx)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
