@@ -213,21 +213,66 @@ def _render(processor, messages, add_generation_prompt: bool) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+WINDOW = 2  # turns of context in `_turn_ends` windows: even (parity), and 2 measured fastest (4 and 8 slower)
+
+
+def _turn_ends(processor, messages: list[dict], rendered: str, add_generation_prompt: bool) -> list[int]:
+    """Where each turn's rendering ends in `rendered`, as `_turn_ends_reference` defines it, in one
+    pass over the turns: what turn i adds to the text is learnt by rendering it in a short window
+    (the leading system turns and up to WINDOW turns before it, the window growing by one turn a
+    render), and each such piece is checked against the whole rendering at the place where it must
+    start; the last end is checked against the whole conversation rendered. A template that renders
+    a turn differently in its full context (images numbered across turns, a closing only after the
+    last turn, turns counted, ...) fails a check, and then the reference decides."""
+    n = len(messages)
+    head = 0  # leading system turns: every window starts with them
+    while head < n and messages[head]["role"] == "system":
+        head += 1
+    ends, end, before = [], 0, None
+    try:
+        for i in range(n):
+            if i <= head + 1:  # the first turns: the prefix itself, as the reference does it
+                prefix = _render(processor, messages[: i + 1], False)
+                if not rendered.startswith(prefix):
+                    return _turn_ends_reference(processor, messages, rendered)
+                end = len(prefix)
+            else:
+                start = head + WINDOW * ((i - 1 - head) // WINDOW)  # same parity as the conversation's start,
+                if before is None or i - 1 == start:               # for templates that check alternation
+                    before = _render(processor, messages[:head] + messages[start:i], False)
+                after = _render(processor, messages[:head] + messages[start:i + 1], False)
+                if not after.startswith(before) or not rendered.startswith(after[len(before):], end):
+                    return _turn_ends_reference(processor, messages, rendered)
+                end += len(after) - len(before)
+                before = after
+            ends.append(end)
+        whole = rendered if not add_generation_prompt else _render(processor, messages, False)
+    except Exception:  # noqa: BLE001 - a template that refuses a window (it rendered the whole)
+        return _turn_ends_reference(processor, messages, rendered)
+    if len(whole) != end or not rendered.startswith(whole):
+        return _turn_ends_reference(processor, messages, rendered)
+    return ends
+
+
+def _turn_ends_reference(processor, messages: list[dict], rendered: str) -> list[int]:
+    """Turn i owns the rendered text up to the end of the rendering of turns 0..i, when that is a
+    prefix of the whole (chat templates render a prefix of the conversation as a prefix of the
+    text); otherwise the end of the turn before (`_char_sources` then extends it over the turn's own
+    text). One render per turn of the conversation so far: quadratic in turns, the slow and
+    obviously-correct twin that `_turn_ends` is tested against."""
+    ends = []
+    for i in range(len(messages)):
+        prefix = _render(processor, messages[: i + 1], False)
+        ends.append(len(prefix) if rendered.startswith(prefix) else (ends[-1] if ends else 0))
+    return ends
+
+
 def _char_sources(conv: Conversation, processor, multimodal: bool, add_generation_prompt: bool):
     """Render the chat and say, for each rendered character, which turn it belongs to and which
     character of that turn's text it is (-1 for template text)."""
     messages = _messages(conv, multimodal)
     rendered = _render(processor, messages, add_generation_prompt)
-    # Turn i owns the rendered text up to the end of the rendering of turns 0..i (chat templates
-    # render a prefix of the conversation as a prefix of the text).
-    bounds = []
-    for i in range(len(messages)):
-        prefix = _render(processor, messages[: i + 1], False)
-        if not rendered.startswith(prefix):
-            prefix_end = bounds[-1] if bounds else 0
-            bounds.append(prefix_end)  # resolved below from the turn's own text
-            continue
-        bounds.append(len(prefix))
+    bounds = _turn_ends(processor, messages, rendered, add_generation_prompt)
     turn_of = [-1] * len(rendered)
     char_of = [-1] * len(rendered)
     cursor = 0
@@ -246,8 +291,7 @@ def _char_sources(conv: Conversation, processor, multimodal: bool, add_generatio
                 if found < 0:
                     raise AlignError(f"{conv.name}: the chat template changes the text of turn {i}; "
                                      "cannot locate it in the rendered prompt")
-                for k in range(len(piece)):
-                    char_of[found + k] = offset + shift + k
+                char_of[found:found + len(piece)] = range(offset + shift, offset + shift + len(piece))
                 cursor = found + len(piece)
                 piece_len = len(piece) + shift
             else:
@@ -255,8 +299,8 @@ def _char_sources(conv: Conversation, processor, multimodal: bool, add_generatio
             offset += piece_len + len(IMAGE_PLACEHOLDER)
         end = max(bounds[i], cursor)
         bounds[i] = end
-        for c in range(start, end):
-            turn_of[c] = i
+        if end > start:
+            turn_of[start:end] = [i] * (end - start)
     return rendered, turn_of, char_of
 
 
@@ -295,14 +339,16 @@ def align_record(record, processor, *, image_root=None, max_length: int | None =
     roles, turns, spans, labels = [], [], [], []
     n_turns = len(conv.turns)
     for k, (a, b) in enumerate(token_offsets):
-        chars = range(a, max(b, a + 1)) if a < len(rendered) else range(0)
-        turn = next((turn_of[c] for c in chars if turn_of[c] >= 0), -1)
+        b = max(b, a + 1) if a < len(rendered) else a  # the token's characters: rendered[a:b]
+        turn = turn_of[a] if a < b else -1
+        if turn < 0:
+            turn = next((t for t in turn_of[a:b] if t >= 0), -1)
         if turn < 0:
             turn = n_turns - 1 if not add_generation_prompt else -1
-        content = [char_of[c] for c in chars if char_of[c] >= 0 and turn_of[c] == turn]
+        content = [c for c, t in zip(char_of[a:b], turn_of[a:b]) if c >= 0 and t == turn]
         if turn < 0:
             role = gen_role
-        elif content:
+        elif content and conv.turns[turn].spans:
             role = token_role(conv.turns[turn], char_roles[turn], content)
         else:
             role = conv.turns[turn].role
