@@ -3,6 +3,7 @@ stale saves, undo/redo, suggestions, navigation, import/export."""
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import pytest
@@ -14,8 +15,9 @@ from models.hsa import GLOBAL, LANDMARK, NOISE
 from workbench.align import Span, align_record
 from workbench.store import Store, import_records
 from workbench.store.suggest import model_suggestions, rule_suggestions
-from workbench.ui.annotate import (WORDS, Annotator, code_point_to_utf16, render_view, selection_from_browser,
-                                   snap, token_view, utf16_to_code_point, word_view)
+from workbench.ui.annotate import (WORDS, Annotator, TokenView, code_point_to_utf16, page_of_turn, render_view,
+                                   selection_from_browser, snap, token_view, utf16_table, utf16_to_code_point,
+                                   view_pages, word_view)
 
 TRICKY = "红色的圆 🙂 👍🏽 e\u0301 👨‍👩‍👧 ok\nnext"
 
@@ -227,17 +229,78 @@ def test_import_with_progress_and_export_to_a_zip(store, tmp_path, bpe_tokenizer
     assert len(shown["images"]) == 1
 
 
-def test_a_long_conversation_renders_every_token(store, bpe_tokenizer):
+def test_a_long_conversation_renders_every_token_once_over_its_pages(store, bpe_tokenizer):
     turns = []
     for i in range(40):
         turns.append({"from": "human", "value": f"Question {i}: what colour is the circle? " * 5})
         turns.append({"from": "gpt", "value": "The circle is red. " * 5, "semantic_type": "LANDMARK"})
     [cid] = add(store, {"conversations": turns})
     annotator = Annotator(store, lambda name: bpe_tokenizer)
-    shown = annotator.show(cid, "tok")
-    view = annotator.view(store.conversation(cid), "tok")[0]
+    conv = store.conversation(cid)
+    view = annotator.view(conv, "tok")[0]
     assert len(view) > 2000
-    assert shown["html"].count('class="tok ') == sum(1 for s in view.char_spans if s is not None)
+    pages = view_pages(view, len(conv.turns))
+    assert len(pages) > 1
+    shown = [annotator.show(cid, "tok", page=p)["html"] for p in range(len(pages))]
+    keys = [int(k) for html in shown for k in re.findall(r'class="tok [^"]*" data-k="(\d+)"', html)]
+    assert keys == [k for k, s in enumerate(view.char_spans) if s is not None]  # each once, in order
+    assert [int(t) for html in shown for t in re.findall(r'<div class="turn" data-t="(\d+)"', html)] == list(range(80))
+    assert all(len(html) < 250_000 for html in shown)
+    assert annotator.show(cid, "tok", page=99)["page"] == len(pages) - 1  # out of range: the nearest page
+
+
+def test_pages_hold_whole_turns_cut_long_ones_and_count_an_image_once():
+    tokens, turns, spans = [], [], []
+
+    def turn(t, n, image=0):
+        for i in range(n):
+            tokens.append(f"w{i} ")
+            turns.append(t)
+            spans.append((i, i + 1))
+        for _ in range(image):
+            tokens.append("<|image_pad|>")
+            turns.append(t)
+            spans.append(None)
+
+    turn(0, 3)
+    turn(1, 4, image=500)  # 4 words + one image: 5 on the page
+    turn(2, 25)  # longer than a page: cut
+    turn(3, 2)
+    tokens.append("<|im_start|>")
+    turns.append(-1)
+    spans.append(None)
+    view = TokenView(tokens, turns, spans, [0] * len(tokens), "t")
+    pages = view_pages(view, 5, turns_per_page=3, tokens_per_page=10)
+    assert pages == [[(0, 0, 3), (1, 0, 504)], [(2, 0, 10)], [(2, 10, 20)], [(2, 20, 25), (3, 0, 2), (4, 0, 0)]]
+    assert [page_of_turn(pages, t) for t in (-5, 0, 1, 2, 3, 4, 99)] == [0, 0, 0, 1, 3, 3, 3]
+    assert view_pages(view, 5, turns_per_page=2, tokens_per_page=100) == \
+        [[(0, 0, 3), (1, 0, 504)], [(2, 0, 25), (3, 0, 2)], [(4, 0, 0)]]
+
+
+def test_the_pager_moves_pages_edits_stay_on_their_page_and_a_turn_is_found(store):
+    turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": f"turn {i} says the circle is red"} for i in range(2000)]
+    [cid] = add(store, {"conversations": turns})
+    annotator = Annotator(store)
+    first = annotator.show(cid, WORDS)
+    assert 'data-page="0"' in first["html"] and "page 1 of " in first["html"] and len(first["html"]) < 250_000
+    shown = annotator.turn_page(cid, WORDS, {"turn": 1234})
+    assert '<div class="turn" data-t="1234">' in shown["html"] and shown["page"] > 0
+    text = store.conversation(cid).turns[1234].text
+    a = text.index("circle")
+    edited = annotator.edit(cid, shown["version"], "ann", WORDS, "label", {"turn": 1234, "a": a, "b": a + 6, "role": 2},
+                            page=shown["page"])
+    assert edited["page"] == shown["page"] and "✓ Saved" in edited["status"]
+    assert 'class="tok r2 sp"' in edited["html"]
+    assert annotator.turn_page(cid, WORDS, {"page": 0})["page"] == 0
+    assert annotator.turn_page(cid, WORDS, {"page": "x"})["status"].startswith("⚠️")
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=100)
+def test_the_utf16_table_is_code_point_to_utf16_for_every_index(text):
+    table = utf16_table(text)
+    assert [code_point_to_utf16(text, i) for i in range(len(text) + 1)] == \
+        (list(range(len(text) + 1)) if table is None else table)
 
 
 def test_model_suggestions_work_on_a_conversation_with_an_image(store, tmp_path):

@@ -29,6 +29,8 @@ ROLE_KEYS = {"1": GLOBAL, "2": LANDMARK, "3": NOISE}
 STATUSES = ("all", "unlabelled", "labelled")
 WORDS = "words (no model)"
 PAGE_SIZE = 15
+TURNS_PER_PAGE = 40  # the token view shows a page of whole turns: at most this many,
+TOKENS_PER_PAGE = 1500  # and about this many tokens (a turn longer than that is cut into pages of its own)
 TABLE_HEADERS = ["#", "first words", "labelled", "last change by"]
 UPLOAD_TYPES = [".json", ".jsonl", ".zip", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
@@ -50,6 +52,20 @@ def utf16_to_code_point(text: str, offset: int) -> int:
             return i
         units += width
     return len(text)
+
+
+def utf16_table(text: str) -> list[int] | None:
+    """UTF-16 offsets of every code point of `text` (and of its end), or None when they are the
+    code point indices themselves (no character beyond U+FFFF): `code_point_to_utf16` for a whole
+    turn at once."""
+    if all(ord(c) <= 0xFFFF for c in text):
+        return None
+    table, units = [], 0
+    for c in text:
+        table.append(units)
+        units += 2 if ord(c) > 0xFFFF else 1
+    table.append(units)
+    return table
 
 
 # --- the token view --------------------------------------------------------------------------------
@@ -134,33 +150,92 @@ def _token_html(text: str) -> str:
 IMAGE_PAD = re.compile(r"<\|(image|video)_pad\|>|<image>")
 
 
-def render_view(conv, view: TokenView, *, suggested: bool = False) -> str:
-    """HTML of the conversation: per turn a header (speaker, turn role, set-turn buttons) and its
-    tokens coloured by role. Tokens carry their turn and UTF-16 offsets for the selection script;
-    runs of image tokens show as one chip."""
+def tokens_by_turn(view: TokenView) -> dict[int, list[int]]:
+    """The view's token indices per turn (-1: the generation prompt), in order."""
     by_turn: dict[int, list[int]] = {}
     for k, t in enumerate(view.turn_index):
         by_turn.setdefault(t, []).append(k)
-    parts = [f'<div class="hsa-annot" data-conv="{conv.id}" data-version="{conv.version}">']
+    return by_turn
+
+
+def view_pages(view: TokenView, n_turns: int, by_turn: dict | None = None, *, turns_per_page: int | None = None,
+               tokens_per_page: int | None = None) -> list[list[tuple[int, int, int]]]:
+    """The token view cut into pages, so that a long conversation opens quickly: a page holds whole
+    turns, at most `turns_per_page` of them and about `tokens_per_page` tokens (a run of image
+    tokens counts once: it shows as one chip); a turn longer than that gets pages of its own. Each
+    page is a list of (turn, first, end): that turn's tokens by_turn[turn][first:end]. Every turn
+    is on some page, also one without tokens; the generation prompt goes with the last page."""
+    by_turn = tokens_by_turn(view) if by_turn is None else by_turn
+    turns_per_page = turns_per_page or TURNS_PER_PAGE
+    tokens_per_page = tokens_per_page or TOKENS_PER_PAGE
+    pages: list[list[tuple[int, int, int]]] = []
+    page: list[tuple[int, int, int]] = []
+    used = 0
+    for t in range(n_turns):
+        ks = by_turn.get(t, [])
+        weights = [0 if i and view.tokens[k] == view.tokens[ks[i - 1]] and IMAGE_PAD.fullmatch(view.tokens[k].strip())
+                   else 1 for i, k in enumerate(ks)]  # 0: the rest of a run of image tokens
+        total = sum(weights)
+        if page and (len(page) >= turns_per_page or used + total > tokens_per_page):
+            pages.append(page)
+            page, used = [], 0
+        if total <= tokens_per_page:
+            page.append((t, 0, len(ks)))
+            used += total
+            continue
+        first, count = 0, 0  # a long turn: pages of its own
+        for i, w in enumerate(weights):
+            if count + w > tokens_per_page:
+                pages.append([(t, first, i)])
+                first, count = i, 0
+            count += w
+        page, used = [(t, first, len(ks))], count
+    if page or not pages:
+        pages.append(page)
+    return pages
+
+
+def page_of_turn(pages: list[list[tuple[int, int, int]]], turn: int) -> int:
+    """The (first) page that shows `turn`; the nearest page for a turn out of range."""
+    for p, page in enumerate(pages):
+        if any(t == turn for t, _, _ in page) or (page and page[0][0] > turn):
+            return p
+    return len(pages) - 1
+
+
+def render_view(conv, view: TokenView, *, suggested: bool = False, page: int = 0) -> str:
+    """HTML of one page of the conversation (`view_pages`): per turn a header (speaker, turn role,
+    set-turn buttons) and its tokens coloured by role, and a pager when there is more than one page.
+    Tokens carry their turn and UTF-16 offsets for the selection script; runs of image tokens show
+    as one chip."""
+    by_turn = tokens_by_turn(view)
+    pages = view_pages(view, len(conv.turns), by_turn)
+    page = min(max(int(page), 0), len(pages) - 1)
+    parts = [f'<div class="hsa-annot" data-conv="{conv.id}" data-version="{conv.version}" data-page="{page}">']
     parts.append('<div class="bar">'
                  + "".join(f'<button class="rb r{r}" data-role="{r}">{k} {ROLE_NAMES[r]}</button>'
                            for k, r in ROLE_KEYS.items())
                  + '<button class="rb clear" data-role="clear">0 clear</button>'
                  f'<span class="hint">{len(view)} tokens · {html.escape(view.source)} · click a token, '
-                 'shift-click or drag to extend, then 1/2/3 (shift: whole turn), 0 clear, Esc cancel</span></div>')
+                 'shift-click or drag to extend, then 1/2/3 (shift: whole turn), 0 clear, Esc cancel</span>'
+                 + _pager(pages, page, len(conv.turns)) + '</div>')
     if suggested:
         parts.append('<div class="suggested">Suggestion preview: accept or reject it below.</div>')
-    for t, turn in enumerate(conv.turns):
-        spans16 = [(code_point_to_utf16(turn.text, s.start), code_point_to_utf16(turn.text, s.end)) for s in turn.spans]
-        parts.append(f'<div class="turn" data-t="{t}"><div class="th"><b>{t}</b> {turn.speaker} · '
+    for t, first, end in pages[page]:
+        turn = conv.turns[t]
+        table = utf16_table(turn.text)
+        to16 = (lambda i: i) if table is None else table.__getitem__
+        spans16 = [(to16(s.start), to16(s.end)) for s in turn.spans]
+        continued = f" (continued, tokens {first + 1}–{end})" if first else ""
+        parts.append(f'<div class="turn" data-t="{t}"><div class="th"><b>{t}</b> {turn.speaker}{continued} · '
                      f'<span class="badge r{turn.role}">{ROLE_NAMES[turn.role]}</span>'
                      + "".join(f'<button class="tb r{r}" data-t="{t}" data-role="{r}" title="whole turn {ROLE_NAMES[r]}">'
                                f'{ROLE_NAMES[r][0].upper()}</button>' for r in ROLE_KEYS.values())
                      + (f' <span class="nspans">{len(turn.spans)} span(s)</span>' if turn.spans else "")
                      + '</div><div class="toks">')
-        parts.extend(_turn_tokens(turn, view, by_turn.get(t, []), spans16))
+        parts.extend(_turn_tokens(turn, view, by_turn.get(t, [])[first:end], spans16, to16))
         parts.append("</div></div>")
-    if by_turn.get(-1):
+    if by_turn.get(-1) and page == len(pages) - 1:
         parts.append('<div class="turn gen"><div class="th">generation prompt</div><div class="toks">')
         parts.extend(f'<span class="tpl r{view.roles[k]}">{_token_html(view.tokens[k])}</span>' for k in by_turn[-1])
         parts.append("</div></div>")
@@ -168,7 +243,25 @@ def render_view(conv, view: TokenView, *, suggested: bool = False) -> str:
     return "".join(parts)
 
 
-def _turn_tokens(turn, view: TokenView, ks: list[int], spans16) -> list[str]:
+def _pager(pages, page: int, n_turns: int) -> str:
+    if len(pages) < 2:
+        return ""
+    turns = [t for t, _, _ in pages[page]]
+    last = len(pages) - 1
+
+    def button(label, to, title):
+        disabled = " disabled" if to == page or not 0 <= to <= last else ""
+        return f'<button class="pg" data-page="{to}" title="{title}"{disabled}>{label}</button>'
+
+    return ('<span class="pager">'
+            + button("⏮", 0, "first page") + button("◀", page - 1, "previous page ([)")
+            + f'<span class="where">turns {turns[0]}–{turns[-1]} of {n_turns} · page {page + 1} of {last + 1}</span>'
+            + button("▶", page + 1, "next page (])") + button("⏭", last, "last page")
+            + f'<input class="goto" type="number" min="0" max="{n_turns - 1}" placeholder="turn #" title="show turn #">'
+            + '</span>')
+
+
+def _turn_tokens(turn, view: TokenView, ks: list[int], spans16, to16) -> list[str]:
     out = []
     k_iter = iter(range(len(ks)))
     for i in k_iter:
@@ -185,7 +278,7 @@ def _turn_tokens(turn, view: TokenView, ks: list[int], spans16) -> list[str]:
         if span is None:
             out.append(f'<span class="tpl r{role}">{_token_html(text)}</span>')
             continue
-        a, b = code_point_to_utf16(turn.text, span[0]), code_point_to_utf16(turn.text, span[1])
+        a, b = to16(span[0]), to16(span[1])
         spanned = " sp" if any(s < b and e > a for s, e in spans16) else ""
         out.append(f'<span class="tok r{role}{spanned}" data-k="{k}" data-t="{view.turn_index[k]}" '
                    f'data-a="{a}" data-b="{b}">{_token_html(turn.text[span[0]:span[1]])}</span>')
@@ -239,20 +332,37 @@ class Annotator:
             return []
         return self.store.conversation_ids(dataset, status=status, search=search or "")
 
-    def show(self, conv_id, model: str, status: str = "") -> dict:
-        """Everything the tab shows for one conversation."""
+    def show(self, conv_id, model: str, status: str = "", page: int = 0) -> dict:
+        """Everything the tab shows for one conversation, its tokens one page at a time."""
         if conv_id is None or conv_id < 0:
             return {"conv_id": -1, "version": 0, "html": '<div class="hsa-annot empty">No conversation.</div>',
-                    "images": [], "status": status or "No conversation matches.", "history": []}
+                    "images": [], "status": status or "No conversation matches.", "history": [], "page": 0}
         conv = self.store.conversation(int(conv_id))
         view, note = self.view(conv, model)
+        page = min(max(int(page or 0), 0), len(view_pages(view, len(conv.turns))) - 1)
         history = [[r.version, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)), r.author,
                     r.kind, r.action] for r in reversed(self.store.history(conv.id))][:50]
-        return {"conv_id": conv.id, "version": conv.version, "html": render_view(conv, view),
+        return {"conv_id": conv.id, "version": conv.version, "html": render_view(conv, view, page=page), "page": page,
                 "images": [str(p) for p in conv.images], "history": history,
                 "status": " ".join(x for x in (status, note) if x) or
                 f"Conversation #{conv.position + 1} · version {conv.version}"
                 + (f" · last change by {conv.updated_by}" if conv.updated_by else "")}
+
+    def turn_page(self, conv_id, model: str, data: dict) -> dict:
+        """The page the browser's pager asks for: {"page": n} (0-based) or {"turn": t} (the page
+        showing turn t)."""
+        try:
+            conv = self.store.conversation(int(conv_id))
+            if "turn" in data:
+                view, _ = self.view(conv, model)
+                page = page_of_turn(view_pages(view, len(conv.turns)), int(data["turn"]))
+            else:
+                page = int(data["page"])
+        except (StoreError, KeyError, TypeError, ValueError) as e:
+            shown = self.show(conv_id, model) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
+            shown["status"] = f"⚠️ {e}"
+            return shown
+        return self.show(conv_id, model, page=page)
 
     def navigate(self, dataset, status, search, conv_id, step: int | None = None, jump: int | None = None):
         """The conversation `step` away from `conv_id` in the filtered list, or number `jump`
@@ -269,9 +379,9 @@ class Annotator:
             index = 0
         return ids[index], f"{index + 1} / {len(ids)}"
 
-    def edit(self, conv_id, version, author, model, kind: str, data: dict) -> dict:
+    def edit(self, conv_id, version, author, model, kind: str, data: dict, page: int = 0) -> dict:
         """Apply one labelling action from the browser; a stale one is refused and the newer
-        version shown."""
+        version shown (on the same page)."""
         author = (author or "").strip() or "anonymous"
         try:
             if conv_id is None or conv_id < 0:
@@ -306,12 +416,12 @@ class Annotator:
             else:
                 raise StoreError(f"unknown action {kind!r}")
         except StaleVersionError as e:
-            return self.show(conv_id, model, status=f"⚠️ **Not saved.** {e}. Showing the current version.")
+            return self.show(conv_id, model, status=f"⚠️ **Not saved.** {e}. Showing the current version.", page=page)
         except (StoreError, KeyError, ValueError, TypeError) as e:
-            shown = self.show(conv_id, model) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
+            shown = self.show(conv_id, model, page=page) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
             shown["status"] = f"⚠️ {e}"
             return shown
-        return self.show(conv_id, model, status=f"✓ Saved. {message}.")
+        return self.show(conv_id, model, status=f"✓ Saved. {message}.", page=page)
 
     def describe_selection(self, conv_id, model, data: dict) -> str:
         """Where a selection will land once applied (snapped to whole tokens)."""
@@ -325,8 +435,8 @@ class Annotator:
         return (f"Selected turn {turn}, characters {start}–{end} ({count} token{'s' * (count != 1)}): "
                 f"«{_clip(conv.turns[turn].text[start:end], 120)}». Press 1 global, 2 landmark, 3 noise, 0 clear.")
 
-    def suggest(self, conv_id, model, kind: str):
-        """(preview html, suggestion json, status) for the rule or model suggestions."""
+    def suggest(self, conv_id, model, kind: str, page: int = 0):
+        """(preview html of that page, suggestion json, status) for the rule or model suggestions."""
         conv = self.store.conversation(int(conv_id))
         if kind == "rules":
             labels = rule_suggestions(conv)
@@ -340,7 +450,7 @@ class Annotator:
         changed = sum(a != b for a, b in zip(conv.labels(), labels))
         payload = json.dumps({"labels": labels_to_json(labels), "source": f"{kind} suggestions",
                               "conv_id": conv.id})
-        return render_view(preview, view, suggested=True), payload, \
+        return render_view(preview, view, suggested=True, page=page or 0), payload, \
             f"Suggestion ({kind}): changes {changed} of {len(labels)} turns. Accept or reject."
 
     def _preview_view(self, conv, model):
@@ -494,6 +604,10 @@ CSS = """
 .hsa-annot .badge { border-radius: 8px; padding: 0 6px; }
 .hsa-annot .sp { border-bottom: 2px solid #333; }
 .hsa-annot .sel { outline: 2px solid #ff8c00; background-image: linear-gradient(rgba(255,165,0,.35), rgba(255,165,0,.35)); }
+.hsa-annot .pager { margin-left: auto; display: inline-flex; gap: 4px; align-items: center; font-size: 12px; }
+.hsa-annot .pager .where { color: #444; font-family: system-ui, sans-serif; }
+.hsa-annot .pager button:disabled { opacity: .35; cursor: default; }
+.hsa-annot .pager .goto { width: 6.5em; font-size: 12px; }
 .hsa-annot .suggested { background: #fff4d6; border: 1px solid #f0c36d; padding: 2px 8px; border-radius: 4px; }
 """
 
@@ -532,8 +646,14 @@ root.addEventListener('mouseover', e => {
   const tok = e.target.closest('.tok');
   if (tok && +tok.dataset.t === anchor.turn) extend(tok);
 });
+root.addEventListener('keydown', e => {  // the pager's "turn #" box
+  const box = e.target.closest('input.goto');
+  if (box && e.key === 'Enter' && box.value !== '') { trigger('hsa_page', {turn: +box.value}); e.preventDefault(); }
+});
 root.addEventListener('mouseup', () => { if (dragging) { dragging = false; if (sel) trigger('hsa_select', sel); } });
 root.addEventListener('click', e => {
+  const pg = e.target.closest('button[data-page]');
+  if (pg) { if (!pg.disabled) trigger('hsa_page', {page: +pg.dataset.page}); return; }
   const button = e.target.closest('button[data-role]');
   if (!button) return;
   if (button.classList.contains('tb')) { trigger('hsa_turn_role', {turn: +button.dataset.t, role: +button.dataset.role}); return; }
@@ -552,6 +672,11 @@ window.__hsaAnnotateKeys = e => {
     trigger((e.key === 'y' || e.shiftKey) ? 'hsa_redo' : 'hsa_undo', {}); e.preventDefault(); return;
   }
   if (e.key === 'Escape') { sel = null; anchor = null; paint(); return; }
+  if ((e.key === '[' || e.key === ']') && !e.ctrlKey && !e.metaKey && !e.altKey) {  // previous / next page
+    const to = root.querySelector('button.pg[title^="' + (e.key === '[' ? 'previous' : 'next') + '"]');
+    if (to && !to.disabled) trigger('hsa_page', {page: +to.dataset.page});
+    e.preventDefault(); return;
+  }
   if (!sel) return;
   if (['1', '2', '3'].includes(digit)) {
     const role = +digit - 1;
@@ -636,6 +761,7 @@ def build(ctx) -> None:
                     accept_button = gr.Button("Accept", variant="primary")
                     reject_button = gr.Button("Reject")
     conv_id = gr.Number(-1, visible=False, precision=0)
+    view_page = gr.Number(0, visible=False, precision=0)  # the page of the token view shown
     version = gr.Number(0, visible=False, precision=0)
     suggestion = gr.Textbox("", visible=False)
     page_ids = gr.State([])
@@ -664,11 +790,11 @@ def build(ctx) -> None:
                                       elem_id="annotate-delete", scale=1)
         manage_status = gr.Markdown("", elem_id="annotate-manage-status")
 
-    shown = [conv_id, version, view, images, status, history]
+    shown = [conv_id, version, view, images, status, history, view_page]
 
     def present(result: dict):
         return (result["conv_id"], result["version"], result["html"], result["images"], result["status"],
-                result["history"])
+                result["history"], result["page"])
 
     def listing(dataset_value, status_value, search_value, cid, page=None):
         rows, ids, label, page = annotator.table(dataset_value, status_value, search_value, cid, page)
@@ -711,11 +837,11 @@ def build(ctx) -> None:
     page_next.click(lambda d, s, q, c, p: turn_page(d, s, q, c, p, 1), [dataset, status_filter, search, conv_id, page_number],
                     [table, page_ids, page_label, page_number])
 
-    edit_inputs = [conv_id, version, author, model]
+    edit_inputs = [conv_id, version, author, model, view_page]
 
     def on_edit(kind):
-        def handler(c, v, a, m, evt: gr.EventData):
-            return present(annotator.edit(c, v, a, m, kind, evt._data or {}))
+        def handler(c, v, a, m, p, evt: gr.EventData):
+            return present(annotator.edit(c, v, a, m, kind, evt._data or {}, page=p))
         return handler
 
     def after_edit(d):
@@ -727,33 +853,38 @@ def build(ctx) -> None:
         return annotator.describe_selection(c, m, evt._data or {})
 
     view.hsa_select(describe, [conv_id, model], status)
-    undo_button.click(lambda c, v, a, m: present(annotator.edit(c, v, a, m, "undo", {})), edit_inputs, shown) \
+
+    def turn_page(c, m, evt: gr.EventData):
+        return present(annotator.turn_page(c, m, evt._data or {}))
+
+    view.hsa_page(turn_page, [conv_id, model], shown)
+    undo_button.click(lambda c, v, a, m, p: present(annotator.edit(c, v, a, m, "undo", {}, page=p)), edit_inputs, shown) \
         .then(after_edit, dataset, progress_md)
-    redo_button.click(lambda c, v, a, m: present(annotator.edit(c, v, a, m, "redo", {})), edit_inputs, shown) \
+    redo_button.click(lambda c, v, a, m, p: present(annotator.edit(c, v, a, m, "redo", {}, page=p)), edit_inputs, shown) \
         .then(after_edit, dataset, progress_md)
 
-    def suggest(c, m, kind):
+    def suggest(c, m, p, kind):
         if c is None or c < 0:
             return gr.skip(), "", "Open a conversation first."
         try:
-            return annotator.suggest(c, m, kind)
+            return annotator.suggest(c, m, kind, page=p)
         except Exception as e:  # noqa: BLE001 - e.g. no model to run: say so
             return gr.skip(), "", f"⚠️ No suggestion: {e}"
 
-    rules_button.click(lambda c, m: suggest(c, m, "rules"), [conv_id, model], [view, suggestion, status])
-    model_button.click(lambda c, m: suggest(c, m, "model"), [conv_id, model], [view, suggestion, status])
+    rules_button.click(lambda c, m, p: suggest(c, m, p, "rules"), [conv_id, model, view_page], [view, suggestion, status])
+    model_button.click(lambda c, m, p: suggest(c, m, p, "model"), [conv_id, model, view_page], [view, suggestion, status])
 
-    def accept(c, v, a, m, payload):
+    def accept(c, v, a, m, p, payload):
         if not payload:
-            return (*present(annotator.show(c, m, status="No suggestion to accept.")), "")
+            return (*present(annotator.show(c, m, status="No suggestion to accept.", page=p)), "")
         data = json.loads(payload)
         if data.get("conv_id") != c:
-            return (*present(annotator.show(c, m, status="The suggestion was for another conversation.")), "")
-        return (*present(annotator.edit(c, v, a, m, "accept", data)), "")
+            return (*present(annotator.show(c, m, status="The suggestion was for another conversation.", page=p)), "")
+        return (*present(annotator.edit(c, v, a, m, "accept", data, page=p)), "")
 
     accept_button.click(accept, [*edit_inputs, suggestion], [*shown, suggestion]).then(after_edit, dataset, progress_md)
-    reject_button.click(lambda c, m: (*present(annotator.show(c, m, status="Suggestion rejected.")), ""),
-                        [conv_id, model], [*shown, suggestion])
+    reject_button.click(lambda c, m, p: (*present(annotator.show(c, m, status="Suggestion rejected.", page=p)), ""),
+                        [conv_id, model, view_page], [*shown, suggestion])
 
     def choose(name):
         choices = dataset_names()
