@@ -113,8 +113,8 @@ class Page:
                     return message["output"]["data"]
         raise AssertionError("the event never completed")
 
-    def file(self, path, **headers) -> httpx.Response:
-        return self.http.get(f"/gradio_api/file={path}", headers=headers)
+    def file(self, path, route="/gradio_api/file=", **headers) -> httpx.Response:
+        return self.http.get(f"{route}{path}", headers=headers)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,11 @@ EVIL_SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.cook
 @pytest.mark.parametrize("name,content", [("evil.html", EVIL_HTML), ("evil.svg", EVIL_SVG), ("evil.png", EVIL_HTML)])
 def test_uploaded_files_are_never_served_as_pages(page, name, content):
     [path] = page.upload({name: content}).json()
-    served = page.file(path)
+    for route in ("/gradio_api/file=", "/gradio_api/file/"):  # Gradio's route and its deprecated twin
+        check_served_safely(page.file(path, route))
+
+
+def check_served_safely(served):
     assert served.status_code == 200
     assert served.headers["content-type"].split(";")[0] in ("application/octet-stream", "image/png")
     if served.headers["content-type"].startswith("application/octet-stream"):
@@ -269,7 +273,8 @@ def test_the_database_and_run_files_cannot_be_downloaded(page, workspace):
     for name in secrets:
         assert (workspace / name).exists(), name
         for path in (workspace / name, f"{workspace}/./{name}", f"{workspace}/exports/../{name}"):
-            assert page.file(path).status_code == 403, path
+            for route in ("/gradio_api/file=", "/gradio_api/file/"):
+                assert page.file(path, route).status_code == 403, (route, path)
 
 
 def test_images_and_exports_are_served(page, workspace):

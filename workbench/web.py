@@ -18,6 +18,7 @@ Gradio's own launch options and Starlette middleware handed to its FastAPI app (
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ MAX_UPLOAD_MB = 64  # per file; `python app.py --max-upload-mb N`
 UPLOAD_CLEANUP = (3600, 86400)  # Gradio's delete_cache: every hour, uploads older than a day
 LOGIN_MESSAGE = ("After 5 wrong passwords, logins from your address are refused for 1 s, then 2 s, 4 s, … "
                  "(at most 5 min): wait a moment before trying again.")
+FILE_ROUTE = re.compile(r"/gradio_api/file[=/]")  # Gradio's file route and its deprecated twin
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/tiff"}
 
 
@@ -71,7 +73,7 @@ class ServedFiles:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or "/file=" not in scope.get("path", ""):
+        if scope["type"] != "http" or not FILE_ROUTE.search(scope.get("path", "")):
             return await self.app(scope, receive, send)
 
         async def send_as_file(message):
