@@ -37,7 +37,7 @@ def test_a_server_reachable_by_others_reads_only_the_workspace_and_the_allowed_f
     for attack in [*ATTACKS, str(outside / "secret.json")]:
         with pytest.raises(PathRefused, match="dataset"):
             rule.path(attack, "dataset")
-    with pytest.raises(PathRefused, match="outside the workspace .*shared-data.*--allow-path"):
+    with pytest.raises(PathRefused, match=r"outside the workspace \(.*/ws\) and the allowed folders \(.*shared-data\).*--allow-path"):
         rule.path("/etc/passwd", "dataset")
 
 

@@ -86,5 +86,6 @@ class PathRule:
         return str(self.path(text, what))
 
     def _and_allowed(self) -> str:
-        extra = [str(p) for p in self.roots[1:]]
-        return f" ({self.roots[0]}) and {', '.join(extra)}" if extra else f" {self.roots[0]}"
+        workspace, *others = self.roots
+        extra = [str(p) for p in others if not p.is_relative_to(workspace)]
+        return f" ({workspace}) and the allowed folders ({', '.join(extra)})" if extra else f" ({workspace})"

@@ -571,7 +571,7 @@ def build(ctx: AppContext) -> TrainTab:
                 eval_split = gr.Number(p["eval_split"], label="Eval split")
                 nproc = gr.Number(1, precision=0, label="Processes (DDP)", minimum=1)
             extra = gr.Textbox("", label="More keys (JSON), e.g. {\"save_steps\": 20, \"gradient_checkpointing\": true}",
-                               lines=1)
+                               lines=1, elem_id="train-extra")
             name = gr.Textbox("", label="Run name (optional)", elem_id="train-name")
             with gr.Row():
                 preview_button = gr.Button("Preview command", elem_id="train-preview")
