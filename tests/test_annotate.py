@@ -284,7 +284,7 @@ def test_the_pager_moves_pages_edits_stay_on_their_page_and_a_turn_is_found(stor
     first = annotator.show(cid, WORDS)
     assert 'data-page="0"' in first["html"] and "page 1 of " in first["html"] and len(first["html"]) < 250_000
     shown = annotator.turn_page(cid, WORDS, {"turn": 1234})
-    assert '<div class="turn" data-t="1234">' in shown["html"] and shown["page"] > 0
+    assert '<div class="turn" data-t="1234">' in shown["html"] and shown["page"] > 0 and 'data-focus="1234"' in shown["html"]
     text = store.conversation(cid).turns[1234].text
     a = text.index("circle")
     edited = annotator.edit(cid, shown["version"], "ann", WORDS, "label", {"turn": 1234, "a": a, "b": a + 6, "role": 2},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -26,6 +27,9 @@ SHAPES = [
          {"from": "gpt", "value": "There is one shape.", "semantic_type": "LANDMARK"}]},
     {"conversations": [{"from": "human", "value": "Is the square blue?"},
                        {"from": "gpt", "value": "There is no square.", "semantic_type": "LANDMARK"}]},
+    # conversation 3: long enough that the token view comes in pages (issue 19.11)
+    {"conversations": [{"from": "human" if t % 2 == 0 else "gpt", "value": f"Turn {t}: the circle is red, not green."}
+                       for t in range(2000)]},
 ]
 
 LAUNCHER = textwrap.dedent("""
@@ -185,3 +189,48 @@ def test_a_stale_save_from_a_second_tab_is_refused(browser, annotate_app):
         assert len(spans_of(db, 1)[1]) == 2
     finally:
         context.close()
+
+
+def test_a_2000_turn_conversation_opens_in_pages_and_labels_on_a_later_page(page, annotate_app):
+    url, db = annotate_app
+    open_tab(page, url)
+    view = page.locator("#annotate-view")
+    started = time.perf_counter()
+    page.locator("#annotate-jump input").fill("3")
+    page.locator("#annotate-jump input").press("Enter")
+    view.locator(".pager", has_text="of 2000").wait_for(timeout=60_000)
+    opened = time.perf_counter() - started
+    size = view.locator(".hsa-annot").evaluate("e => e.outerHTML.length")
+    print(f"2000 turns opened in {opened:.1f} s, {size / 1e3:.0f} kB of HTML")
+    assert size < 250_000 and 1 <= view.locator(".turn").count() <= 40
+    assert view.locator('.turn[data-t="0"]').count() == 1 and view.locator('.turn[data-t="1999"]').count() == 0
+    screenshot(page, "annotate-long-first-page")
+    # the next page, by its button and by the ] key
+    view.locator("button.pg[title^='next']").click()
+    view.locator('.hsa-annot[data-page="1"]').wait_for(timeout=30_000)
+    assert view.locator('.turn[data-t="0"]').count() == 0
+    page.keyboard.press("]")
+    view.locator('.hsa-annot[data-page="2"]').wait_for(timeout=30_000)
+    # a turn far away by its number, then a label there by keyboard: saved, and the page stays
+    view.locator("input.goto").fill("1234")
+    view.locator("input.goto").press("Enter")
+    view.locator('.turn[data-t="1234"]').wait_for(timeout=30_000)
+    page.wait_for_function("() => { const r = document.querySelector('#annotate-view .turn[data-t=\\'1234\\']')"
+                           ".getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight; }",
+                           timeout=10_000)  # scrolled into view
+    with Store(db) as store:
+        cid = store.conversation_ids("shapes")[2]
+        text = store.conversation(cid).turns[1234].text
+    first, last = covering(page, 1234, text, "green")
+    first.click()
+    if last != first:
+        last.click(modifiers=["Shift"])
+    wait_status(page, "Selected turn 1234")
+    page.keyboard.press("3")  # (the "turn #" box had the focus: a click on a token leaves it)
+    wait_status(page, "Saved")
+    assert view.locator('.turn[data-t="1234"]').count() == 1
+    assert "r2" in covering(page, 1234, text, "green")[0].get_attribute("class")
+    with Store(db) as store:
+        spans = store.conversation(cid).turns[1234].spans
+    assert len(spans) == 1 and spans[0].role == NOISE and "green" in text[spans[0].start:spans[0].end]
+    screenshot(page, "annotate-long-labelled-page")

@@ -203,15 +203,16 @@ def page_of_turn(pages: list[list[tuple[int, int, int]]], turn: int) -> int:
     return len(pages) - 1
 
 
-def render_view(conv, view: TokenView, *, suggested: bool = False, page: int = 0) -> str:
+def render_view(conv, view: TokenView, *, suggested: bool = False, page: int = 0, focus: int | None = None) -> str:
     """HTML of one page of the conversation (`view_pages`): per turn a header (speaker, turn role,
     set-turn buttons) and its tokens coloured by role, and a pager when there is more than one page.
     Tokens carry their turn and UTF-16 offsets for the selection script; runs of image tokens show
-    as one chip."""
+    as one chip. The browser scrolls turn `focus` into view."""
     by_turn = tokens_by_turn(view)
     pages = view_pages(view, len(conv.turns), by_turn)
     page = min(max(int(page), 0), len(pages) - 1)
-    parts = [f'<div class="hsa-annot" data-conv="{conv.id}" data-version="{conv.version}" data-page="{page}">']
+    focused = f' data-focus="{int(focus)}"' if focus is not None else ""
+    parts = [f'<div class="hsa-annot" data-conv="{conv.id}" data-version="{conv.version}" data-page="{page}"{focused}>']
     parts.append('<div class="bar">'
                  + "".join(f'<button class="rb r{r}" data-role="{r}">{k} {ROLE_NAMES[r]}</button>'
                            for k, r in ROLE_KEYS.items())
@@ -254,9 +255,9 @@ def _pager(pages, page: int, n_turns: int) -> str:
         return f'<button class="pg" data-page="{to}" title="{title}"{disabled}>{label}</button>'
 
     return ('<span class="pager">'
-            + button("⏮", 0, "first page") + button("◀", page - 1, "previous page ([)")
+            + button("«", 0, "first page") + button("◀", page - 1, "previous page ([)")
             + f'<span class="where">turns {turns[0]}–{turns[-1]} of {n_turns} · page {page + 1} of {last + 1}</span>'
-            + button("▶", page + 1, "next page (])") + button("⏭", last, "last page")
+            + button("▶", page + 1, "next page (])") + button("»", last, "last page")
             + f'<input class="goto" type="number" min="0" max="{n_turns - 1}" placeholder="turn #" title="show turn #">'
             + '</span>')
 
@@ -332,7 +333,7 @@ class Annotator:
             return []
         return self.store.conversation_ids(dataset, status=status, search=search or "")
 
-    def show(self, conv_id, model: str, status: str = "", page: int = 0) -> dict:
+    def show(self, conv_id, model: str, status: str = "", page: int = 0, focus: int | None = None) -> dict:
         """Everything the tab shows for one conversation, its tokens one page at a time."""
         if conv_id is None or conv_id < 0:
             return {"conv_id": -1, "version": 0, "html": '<div class="hsa-annot empty">No conversation.</div>',
@@ -342,7 +343,8 @@ class Annotator:
         page = min(max(int(page or 0), 0), len(view_pages(view, len(conv.turns))) - 1)
         history = [[r.version, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)), r.author,
                     r.kind, r.action] for r in reversed(self.store.history(conv.id))][:50]
-        return {"conv_id": conv.id, "version": conv.version, "html": render_view(conv, view, page=page), "page": page,
+        return {"conv_id": conv.id, "version": conv.version, "html": render_view(conv, view, page=page, focus=focus),
+                "page": page,
                 "images": [str(p) for p in conv.images], "history": history,
                 "status": " ".join(x for x in (status, note) if x) or
                 f"Conversation #{conv.position + 1} · version {conv.version}"
@@ -353,16 +355,18 @@ class Annotator:
         showing turn t)."""
         try:
             conv = self.store.conversation(int(conv_id))
+            focus = None
             if "turn" in data:
                 view, _ = self.view(conv, model)
-                page = page_of_turn(view_pages(view, len(conv.turns)), int(data["turn"]))
+                focus = min(max(int(data["turn"]), 0), len(conv.turns) - 1)
+                page = page_of_turn(view_pages(view, len(conv.turns)), focus)
             else:
                 page = int(data["page"])
         except (StoreError, KeyError, TypeError, ValueError) as e:
             shown = self.show(conv_id, model) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
             shown["status"] = f"⚠️ {e}"
             return shown
-        return self.show(conv_id, model, page=page)
+        return self.show(conv_id, model, page=page, focus=focus)
 
     def navigate(self, dataset, status, search, conv_id, step: int | None = None, jump: int | None = None):
         """The conversation `step` away from `conv_id` in the filtered list, or number `jump`
@@ -636,7 +640,8 @@ function extend(tok) {
 root.addEventListener('mousedown', e => {
   const tok = e.target.closest('.tok');
   if (!tok) return;
-  e.preventDefault();
+  e.preventDefault();  // (no focus change: leave a box of the page, so that keys label the selection)
+  if (document.activeElement && root.contains(document.activeElement)) document.activeElement.blur();
   if (!(e.shiftKey && anchor)) anchor = {turn: +tok.dataset.t, k: +tok.dataset.k};
   dragging = true;
   extend(tok);
@@ -648,8 +653,17 @@ root.addEventListener('mouseover', e => {
 });
 root.addEventListener('keydown', e => {  // the pager's "turn #" box
   const box = e.target.closest('input.goto');
-  if (box && e.key === 'Enter' && box.value !== '') { trigger('hsa_page', {turn: +box.value}); e.preventDefault(); }
+  if (box && e.key === 'Enter' && box.value !== '') { trigger('hsa_page', {turn: +box.value}); e.preventDefault(); box.blur(); }
 });
+new MutationObserver(() => {  // a turn asked for by number: scroll to it once it is shown
+  const wrap = root.querySelector('.hsa-annot');
+  const focus = wrap ? wrap.dataset.focus : undefined;
+  if (focus !== undefined && focus !== root.__hsaFocus) {
+    const turn = wrap.querySelector('.turn[data-t="' + focus + '"]');
+    if (turn) turn.scrollIntoView({block: 'center'});
+  }
+  root.__hsaFocus = focus;
+}).observe(root, {childList: true, subtree: true});
 root.addEventListener('mouseup', () => { if (dragging) { dragging = false; if (sel) trigger('hsa_select', sel); } });
 root.addEventListener('click', e => {
   const pg = e.target.closest('button[data-page]');
@@ -735,7 +749,7 @@ def build(ctx) -> None:
     with gr.Row():
         prev_button = gr.Button("◀ Previous", scale=1)
         where = gr.Textbox("0 / 0", label="Conversation", interactive=False, scale=1, elem_id="annotate-where")
-        jump = gr.Number(1, label="Jump to #", precision=0, minimum=1, scale=1)
+        jump = gr.Number(1, label="Jump to #", precision=0, minimum=1, scale=1, elem_id="annotate-jump")
         next_button = gr.Button("Next ▶", scale=1)
         progress_md = gr.Markdown(progress_text(store, names[0] if names else None), elem_id="annotate-progress")
     with gr.Accordion("Conversations", open=False, elem_id="annotate-list"):
