@@ -6,12 +6,14 @@ savepoint, so an invalid record leaves nothing behind while the valid ones aroun
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import re
 import sqlite3
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ RECORD_KEYS = {"conversations", "messages", "system", "images", "labelled"}
 FROM_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 FORMATS = ("sharegpt", "llamafactory", "semantic-ids")
+INTERNAL_ERROR = "could not be checked (an error in the importer, please report it)"
 
 
 class RecordError(ValueError):
@@ -66,11 +69,15 @@ def read_records(path, *, display: str | None = None) -> list[tuple[str, object]
     path = Path(path)
     shown = display or str(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_regular_file(path).decode("utf-8-sig")
     except FileNotFoundError:
         raise FileError(f"{shown}: no such file") from None
     except IsADirectoryError:
         raise FileError(f"{shown}: is a folder, not a file") from None
+    except NotRegularFile as e:
+        raise FileError(f"{shown}: {e}") from None
+    except ValueError:  # a NUL byte in the path
+        raise FileError(f"{shown}: not a valid file name") from None
     except UnicodeDecodeError as e:
         raise FileError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -92,13 +99,58 @@ def read_records(path, *, display: str | None = None) -> list[tuple[str, object]
 
 def load_records(path) -> list:
     """The records of a JSON or JSONL file as a plain list (for training): the same reader as
-    import, but the first malformed line fails the whole file (FileError names file and line)."""
+    import, but the first malformed line (or record with two lists of turns) fails the whole file
+    (FileError names file and line)."""
     records = []
     for name, record in read_records(path):
-        if isinstance(record, RecordError):
-            raise FileError(f"{path}: {record}")
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            check_one_turn_list(record, name)
+        except RecordError as e:
+            raise FileError(f"{path}: {e}") from None
         records.append(record)
     return records
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device or socket where a file was expected."""
+
+
+def read_regular_file(path, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file at `path`. Anything else is refused without being read: a FIFO
+    would block the reader until someone writes to it, a device may never end. Opened without
+    blocking, then checked on the open file (no window for a swap). OSError (FileNotFoundError,
+    IsADirectoryError, NotRegularFile) or ValueError (a NUL byte in the path) otherwise; with
+    `max_bytes`, a larger file raises FileTooLarge."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{path} is a folder")
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+            raise NotRegularFile(f"not a regular file ({kind}): refused")
+        if max_bytes is None:
+            return file.read()
+        data = file.read(max_bytes + 1)  # the file may have grown since it was measured
+        if len(data) > max_bytes:
+            raise FileTooLarge(max(len(data), os.fstat(fd).st_size))
+        return data
+
+
+class FileTooLarge(OSError):
+    def __init__(self, size: int):
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
+def check_one_turn_list(record, name: str) -> None:
+    """A record holds its turns under 'conversations' or 'messages', never both: one list would be
+    silently dropped."""
+    if isinstance(record, dict) and "conversations" in record and "messages" in record:
+        raise RecordError(f"{name}: has both 'conversations' and 'messages'; give one")
 
 
 def _read_jsonl(text: str) -> list[tuple[str, object]]:
@@ -128,6 +180,7 @@ def prepare_record(record, *, name: str = "record", base_dir=".", confine_to=Non
     found at its path is looked up by file name among the uploaded files (when exactly one has it)."""
     if isinstance(record, RecordError):
         raise record
+    check_one_turn_list(record, name)
     try:
         conversation = normalize_record(record, index=None)
     except AlignError as e:
@@ -169,6 +222,8 @@ def _image_path(image, k: int, name: str, base_dir: Path, confine_to) -> Path:
     where = f"{name}: image {k}"
     if not isinstance(image, str) or not image.strip():
         raise RecordError(f"{where} must be a file path, got {image!r}")
+    if "\x00" in image:
+        raise RecordError(f"{where} ({image!r}): a file path cannot hold a NUL byte")
     if confine_to is None:
         return base_dir / image
     root = Path(confine_to).resolve()
@@ -178,7 +233,8 @@ def _image_path(image, k: int, name: str, base_dir: Path, confine_to) -> Path:
                           f"paths, no '..'); upload the image with the records, e.g. in one .zip")
     path = base_dir / relative
     if not (path.is_file() or path.is_symlink()):
-        same_name = [p for p in root.rglob(relative.name) if p.is_file() and not p.is_symlink()]
+        same_name = [p for p in root.rglob(glob.escape(relative.name)) if p.is_file() and not p.is_symlink()] \
+            if relative.name else []
         if len(same_name) == 1:
             path = same_name[0]
         elif len(same_name) > 1:
@@ -200,14 +256,17 @@ def _read_image(path: Path, where: str, max_bytes: int, max_pixels: int) -> tupl
     from PIL import Image
 
     try:
-        if path.is_dir():
-            raise RecordError(f"{where} is a folder, not an image file")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise RecordError(f"{where} is too large ({size} bytes, at most {max_bytes})")
-        data = path.read_bytes()
+        data = read_regular_file(path, max_bytes)
     except FileNotFoundError:
         raise RecordError(f"{where} not found") from None
+    except IsADirectoryError:
+        raise RecordError(f"{where} is a folder, not an image file") from None
+    except FileTooLarge as e:
+        raise RecordError(f"{where} is too large ({e.size} bytes, at most {max_bytes})") from None
+    except NotRegularFile as e:
+        raise RecordError(f"{where} is {e}") from None
+    except ValueError:
+        raise RecordError(f"{where}: a file path cannot hold a NUL byte") from None
     except OSError as e:
         raise RecordError(f"{where} cannot be read ({e.strerror or type(e).__name__})") from None
     try:
@@ -292,6 +351,8 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
                                                       **limits)))
             except RecordError as e:
                 report.errors.append(str(e))
+            except Exception as e:  # noqa: BLE001 - a bug must cost this record, not the whole import
+                report.errors.append(f"{name}: {INTERNAL_ERROR} ({type(e).__name__}: {e})")
         written: list[Path] = []
         if prepared:
             with store.batch(dataset) as add:
