@@ -314,3 +314,8 @@ def test_resume_refuses_a_run_whose_folder_is_outside_the_runs_folder(manager, t
     with pytest.raises(ValueError, match=f"also the folder of run {run.id}"):
         manager.resume(other.id)
     assert manager.get(other.id).status == SUCCEEDED
+    with manager._write() as db:  # an older run that wrote into the runs folder itself does not block new runs
+        db.execute("UPDATE runs SET output_dir = ? WHERE id = ?", (str(manager.runs_dir), run.id))
+    assert manager.wait(manager.submit({}, command=script("pass")).id).status == SUCCEEDED
+    with pytest.raises(ValueError, match="outside the runs folder"):
+        manager.resume(run.id)

@@ -230,7 +230,11 @@ class RunManager:
                 (name or "", launcher, int(nproc), str(self.workdir), now, parent_id))
             run_id = cur.lastrowid
             output_dir = self._new_folder(run_id)
-            self._refuse_shared_output_dir(db, run_id, output_dir)
+            try:
+                self._refuse_shared_output_dir(db, run_id, output_dir)
+            except ValueError:
+                output_dir.rmdir()  # new and empty: nothing of anyone's is lost
+                raise
             config["output_dir"] = str(output_dir)
             config_path = output_dir / CONFIG_NAME
             argv = train_command(config_path, nproc, self.python) if command is None else [str(a) for a in command]
@@ -266,6 +270,8 @@ class RunManager:
             raise ValueError(f"run {run_id}'s folder {output_dir} is outside the runs folder {self.runs_dir}")
         for row in db.execute("SELECT id, output_dir FROM runs WHERE id != ? AND output_dir != ''", (run_id,)):
             other = Path(row["output_dir"])
+            if other == self.runs_dir or not other.is_relative_to(self.runs_dir):
+                continue  # an older workbench's run outside the runs folder: it never runs again (resume refuses it)
             if other == folder or other.is_relative_to(folder) or folder.is_relative_to(other):
                 raise ValueError(f"run {run_id}'s folder {output_dir} is also the folder of run {row['id']}")
 
