@@ -133,7 +133,7 @@ def test_cli_exit_codes_and_messages(tmp_path, data_dir, capsys):
     db = tmp_path / "cli.db"
     good = write_json(data_dir / "good.json", [record(), record("More?")])
     assert cli(["import", str(good), "--db", str(db)]) == 0
-    mixed = write_json(data_dir / "mixed.json", [record(), {"conversations": [{"from": "x", "value": "y"}]}])
+    mixed = write_json(data_dir / "mixed.json", [record("Third?"), {"conversations": [{"from": "x", "value": "y"}]}])
     assert cli(["import", str(mixed), "--dataset", "good", "--db", str(db)]) == 1
     err = capsys.readouterr().err
     assert "record 1, turn 0: unknown speaker 'x'" in err

@@ -10,7 +10,7 @@ and their import/export (ShareGPT, LLaMA-Factory, per-token semantic ids).
 from pathlib import Path
 
 from .db import (ConversationSummary, DatasetInfo, NotFoundError, Revision, StaleVersionError, Store,
-                 StoredConversation, StoreError)
+                 StoreBusyError, StoredConversation, StoreError)
 from .io import (FORMATS, ExportReport, FileError, ImportReport, RecordError, conversation_record,
                  export_dataset, import_file, import_records, import_upload, load_records, load_tokenizer,
                  prepare_record, read_records)
@@ -18,7 +18,7 @@ from .io import (FORMATS, ExportReport, FileError, ImportReport, RecordError, co
 # The app's database: `python app.py` keeps it in its workspace (default ROOT/workspace).
 DEFAULT_DB = Path(__file__).resolve().parents[2] / "workspace" / "workbench.db"
 
-__all__ = ["Store", "StoreError", "NotFoundError", "StaleVersionError", "StoredConversation", "Revision",
+__all__ = ["Store", "StoreError", "StoreBusyError", "NotFoundError", "StaleVersionError", "StoredConversation", "Revision",
            "ConversationSummary", "DatasetInfo", "FORMATS", "ExportReport", "FileError", "ImportReport",
            "RecordError", "conversation_record", "export_dataset", "import_file", "import_records",
            "import_upload", "load_records", "load_tokenizer", "prepare_record", "read_records", "DEFAULT_DB"]

@@ -4,8 +4,9 @@
     python -m workbench.store export NAME --format sharegpt|llamafactory|semantic-ids [--model PATH] --out DIR
     python -m workbench.store list [--db PATH]
 
-Exit status: 0 all good; 1 some records invalid (the valid ones are stored / exported); 2 the
-input could not be used at all.
+Exit status: 0 all good (records already in the dataset are skipped and listed); 1 some records
+invalid (the valid ones are stored / exported); 2 the input could not be used at all, or the database
+stayed busy for --busy-timeout seconds (a new import skips what was stored).
 """
 from __future__ import annotations
 
@@ -23,11 +24,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.store", description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, default=Path(os.environ.get("WORKBENCH_DB", DEFAULT_DB)),
                         help=f"the annotation database (default: $WORKBENCH_DB or {DEFAULT_DB})")
+    busy = dict(type=float, metavar="SECONDS",
+                help="how long to wait for another process writing to the database (default 30)")
+    parser.add_argument("--busy-timeout", default=30.0, **busy)
     commands = parser.add_subparsers(dest="command", required=True)
     p_import = commands.add_parser("import", help="import a ShareGPT JSON or JSONL file")
     p_import.add_argument("file", type=Path)
     p_import.add_argument("--dataset", help="dataset name (default: the file name without extension)")
     p_import.add_argument("--db", type=Path, default=argparse.SUPPRESS)
+    p_import.add_argument("--busy-timeout", default=argparse.SUPPRESS, **busy)
     p_import.add_argument("--author", default=os.environ.get("USER", "import"))
     p_export = commands.add_parser("export", help="export a dataset")
     p_export.add_argument("name")
@@ -36,21 +41,32 @@ def main(argv=None) -> int:
                           help="model directory whose tokenizer the semantic-ids export uses")
     p_export.add_argument("--out", type=Path, required=True)
     p_export.add_argument("--db", type=Path, default=argparse.SUPPRESS)
+    p_export.add_argument("--busy-timeout", default=argparse.SUPPRESS, **busy)
     p_list = commands.add_parser("list", help="list the datasets")
     p_list.add_argument("--db", type=Path, default=argparse.SUPPRESS)
+    p_list.add_argument("--busy-timeout", default=argparse.SUPPRESS, **busy)
     args = parser.parse_args(argv)
 
     if args.command == "export" and not args.db.exists():
         print(f"error: no database at {args.db}", file=sys.stderr)
         return 2
-    with Store(args.db) as store:
+    try:
+        store = Store(args.db, busy_timeout_s=args.busy_timeout)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with store:
         try:
             if args.command == "import":
                 report = import_file(store, args.file, dataset=args.dataset, author=args.author)
                 for error in report.errors:
                     print(f"error: {error}", file=sys.stderr)
+                for skipped in report.skipped:
+                    print(f"skipped: {skipped}", file=sys.stderr)
+                if report.cleaned:
+                    print(f"removed {report.cleaned} image file(s) an interrupted import had left", file=sys.stderr)
                 print(f"stored {report.stored} of {report.total} records in dataset {report.dataset!r} "
-                      f"({len(report.errors)} invalid) in {args.db}")
+                      f"({len(report.errors)} invalid, {len(report.skipped)} already there) in {args.db}")
                 return 1 if report.errors else 0
             if args.command == "export":
                 report = export_dataset(store, args.name, args.format, args.out, model=args.model)

@@ -7,20 +7,29 @@ one turn's text, each with a role); images (content-addressed files under `image
 
 Every edit names the version it was made against. A save against an older version is refused with
 StaleVersionError and nothing changes, so two browser tabs cannot silently overwrite each other.
+
+Each conversation keeps the content key of what was imported (turns, import-time labels, images,
+extra fields), so importing a file again after a crash skips the records already stored. Opening the
+store only reads (the write lock is taken to create or migrate the schema, `PRAGMA user_version`);
+a write that waits out the busy timeout is StoreBusyError, a clear "try again".
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.hsa import parse_role, role_name
 from workbench.align import Conversation, Span, Turn
-from workbench.sqlite import write_transaction
+from workbench.sqlite import DatabaseBusy, write_transaction
 
 from . import labels as L
 
@@ -42,6 +51,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     updated_by TEXT NOT NULL DEFAULT '',
+    content_key TEXT,  -- what was imported (see content_key), unchanged by edits
     UNIQUE (dataset_id, position)
 );
 CREATE TABLE IF NOT EXISTS turns (
@@ -85,6 +95,15 @@ CREATE TABLE IF NOT EXISTS revisions (
 CREATE INDEX IF NOT EXISTS revisions_by_conversation ON revisions (conversation_id, kind, state);
 CREATE INDEX IF NOT EXISTS conversations_by_dataset ON conversations (dataset_id, position);
 """
+# Version 1: conversations.content_key (older databases are keyed when first opened).
+SCHEMA_VERSION = 1
+KEY_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_key ON conversations (dataset_id, content_key)"
+# An import batch journals the image files it creates in a marker file in image_dir (removed once it
+# commits). A marker found by the next batch means an import died mid-batch: the files it lists that
+# no row names, and their temporaries, are removed. One database's batches never touch other files.
+IMPORT_MARKER = ".importing-"
+JOURNAL_LINE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}\.[a-z]{2,4}")  # what save_image writes: sha[:2]/sha.ext
+OLD_TEMPORARY_S = 600  # a `.tmp-` file this old (by mtime) belongs to no live import
 
 
 class StoreError(ValueError):
@@ -93,6 +112,10 @@ class StoreError(ValueError):
 
 class NotFoundError(StoreError):
     pass
+
+
+class StoreBusyError(StoreError):
+    """Another process held the database's write lock for the whole busy timeout."""
 
 
 class StaleVersionError(StoreError):
@@ -113,6 +136,16 @@ def labels_to_json(labels: Labels) -> str:
 
 def labels_from_json(text: str) -> Labels:
     return [(role, [Span(*s) for s in spans]) for role, spans in json.loads(text)]
+
+
+def content_key(turns, labels: Labels, image_shas, extra) -> str:
+    """The identity of an imported record: its turns (speaker, text), their labels as imported (role
+    and canonical spans), its images' sha256 and its extra fields. `turns` are (speaker, text) pairs."""
+    payload = [[[speaker, text, role, [[s.start, s.end, s.role] for s in spans]]
+                for (speaker, text), (role, spans) in zip(turns, labels, strict=True)],
+               list(image_shas), extra or {}]
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -190,8 +223,15 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        db = self._db()
-        db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        try:
+            if self._db().execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                with self._write() as db:  # a new or older database: create or migrate, once
+                    self._migrate(db)
+        except sqlite3.DatabaseError as e:
+            self.close()
+            if isinstance(e, sqlite3.OperationalError) and "not a database" not in str(e):
+                raise StoreError(f"cannot open the annotation database {self.path.name}: {e}") from None
+            raise StoreError(f"{self.path.name} is not an annotation database ({e})") from None
 
     # --- connections and transactions ---------------------------------------------------------
 
@@ -212,9 +252,109 @@ class Store:
     @contextmanager
     def _write(self, db=None):
         """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so a read-check-write
-        sequence inside it cannot interleave with another writer."""
-        with write_transaction(db or self._db()) as db:
-            yield db
+        sequence inside it cannot interleave with another writer. StoreBusyError after the busy timeout."""
+        try:
+            with write_transaction(db or self._db()) as db:
+                yield db
+        except DatabaseBusy:
+            raise StoreBusyError(f"the annotation database {self.path.name} is busy: another process held its "
+                                 f"write lock for {self.busy_timeout_s:g} s; try again") from None
+
+    def _migrate(self, db) -> None:
+        """Create the tables, or bring an older database to SCHEMA_VERSION (inside a write transaction)."""
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # another process got there first
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if "content_key" not in {row[1] for row in db.execute("PRAGMA table_info(conversations)")}:
+            db.execute("ALTER TABLE conversations ADD COLUMN content_key TEXT")
+        self._key_unkeyed(db)
+        db.execute(KEY_INDEX)
+        self._remove_old_temporaries()  # what interrupted imports of older versions left
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _key_unkeyed(self, db, chunk: int = 500) -> None:
+        """Content keys for conversations stored before keys existed: their labels as imported (the
+        import revision), or their current ones when it is missing."""
+        ids = [cid for (cid,) in db.execute("SELECT id FROM conversations WHERE content_key IS NULL ORDER BY id")]
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            marks = ",".join("?" * len(part))
+            turns: dict[int, list] = {cid: [] for cid in part}
+            for cid, speaker, text, role in db.execute(
+                    f"SELECT conversation_id, speaker, text, role FROM turns WHERE conversation_id IN ({marks}) "
+                    "ORDER BY conversation_id, turn", part):
+                turns[cid].append((speaker, text, role))
+            spans: dict[tuple, list] = {}
+            for cid, turn, start_, end, role in db.execute(
+                    f'SELECT conversation_id, turn, start, "end", role FROM spans WHERE conversation_id IN ({marks}) '
+                    "ORDER BY conversation_id, turn, start", part):
+                spans.setdefault((cid, turn), []).append(Span(start_, end, role))
+            imported = dict(db.execute(
+                f"SELECT conversation_id, after FROM revisions WHERE kind = 'import' AND conversation_id IN ({marks}) "
+                "ORDER BY id DESC", part).fetchall())
+            shas: dict[int, list] = {cid: [] for cid in part}
+            for cid, sha in db.execute(f"SELECT conversation_id, sha256 FROM images WHERE conversation_id IN ({marks}) "
+                                       "ORDER BY conversation_id, position", part):
+                shas[cid].append(sha)
+            extras = dict(db.execute(f"SELECT id, extra FROM conversations WHERE id IN ({marks})", part).fetchall())
+            keys = []
+            for cid in part:
+                labels = labels_from_json(imported[cid]) if imported.get(cid) else None
+                if labels is None or len(labels) != len(turns[cid]):
+                    labels = [(role, spans.get((cid, i), [])) for i, (_, _, role) in enumerate(turns[cid])]
+                keys.append((content_key([(sp, text) for sp, text, _ in turns[cid]], labels, shas[cid],
+                                         json.loads(extras[cid])), cid))
+            db.executemany("UPDATE conversations SET content_key = ? WHERE id = ?", keys)
+
+    def _remove_old_temporaries(self) -> int:
+        """Delete `.tmp-` files older than OLD_TEMPORARY_S in image_dir (older versions named them at
+        random, journaling nothing): no live import keeps one that long."""
+        removed = 0
+        if self.image_dir.is_dir():
+            for path in self.image_dir.glob("[0-9a-f][0-9a-f]/.tmp-*"):
+                try:
+                    if path.is_file() and not path.is_symlink() and time.time() - path.stat().st_mtime > OLD_TEMPORARY_S:
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    @property
+    def _marker_prefix(self) -> str:
+        """Markers name their database: a folder of images shared by two databases is cleaned by neither
+        for the other."""
+        return f"{IMPORT_MARKER}{hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:12]}-"
+
+    def _clean_after_interrupted_batches(self, db) -> int:
+        """Under the write lock (no batch of this database is running): remove what dead batches
+        journaled and no row names. Returns how many files were removed."""
+        markers = list(self.image_dir.glob(self._marker_prefix + "*")) if self.image_dir.is_dir() else []
+        if not markers:
+            return 0
+        named = {file for (file,) in db.execute("SELECT DISTINCT file FROM images")}
+        removed = 0
+        for marker in markers:
+            batch_id = marker.name[len(self._marker_prefix):]
+            try:
+                lines = marker.read_text(encoding="ascii", errors="replace").split("\n")
+            except OSError:
+                lines = []
+            for line in lines:
+                if not JOURNAL_LINE.fullmatch(line):
+                    continue  # a line cut short by the kill (or not ours): nothing to remove
+                folder, name = line.split("/")
+                stray = [self.image_dir / folder / f".tmp-{batch_id}-{name}"]
+                if line not in named:
+                    stray.append(self.image_dir / line)
+                for path in stray:
+                    if path.is_file() and not path.is_symlink():
+                        path.unlink()
+                        removed += 1
+            marker.unlink(missing_ok=True)
+        return removed
 
     def close(self) -> None:
         with self._lock:
@@ -259,7 +399,7 @@ class Store:
 
     def delete_dataset(self, name: str) -> None:
         """Delete a dataset with its conversations and their history (image files stay: they are
-        shared by content and cheap to keep)."""
+        shared by content)."""
         with self._write() as db:
             dataset_id = self._dataset_id(db, name)
             db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
@@ -288,23 +428,21 @@ class Store:
 
     @contextmanager
     def batch(self, dataset: str):
-        """Many inserts in one transaction (for imports); yields `add(conversation, ...)`. Each record
-        sits in a savepoint, so a record that fails to insert leaves nothing behind."""
+        """Many inserts in one transaction (for imports); yields a Batch: `batch(conversation, ...)`
+        adds one (in a savepoint, so a record that fails to insert leaves nothing behind),
+        `batch.positions(key)` finds conversations of the dataset with a content key, and
+        `batch.new_image(relative)` journals an image file about to be written (see save_image in
+        workbench.store.io). Starting, it removes what batches killed before their commit left
+        (`batch.removed` counts the files)."""
         with self._write() as db:
-            dataset_id = self._dataset_id(db, _dataset_name(dataset), create=True)
-
-            def add(conversation, *, images=(), extra=None, source=None, labelled=None, author="import"):
-                db.execute("SAVEPOINT record")
-                try:
-                    cid = self._insert(db, dataset_id, conversation, images, extra, source, labelled, author)
-                except BaseException:
-                    db.execute("ROLLBACK TO record")
-                    db.execute("RELEASE record")
-                    raise
-                db.execute("RELEASE record")
-                return cid
-
-            yield add
+            removed = self._clean_after_interrupted_batches(db)
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+            batch_id = uuid.uuid4().hex
+            marker = self.image_dir / f"{self._marker_prefix}{batch_id}"
+            with open(marker, "a", encoding="ascii") as journal:
+                yield Batch(self, db, self._dataset_id(db, _dataset_name(dataset), create=True), removed,
+                            batch_id, journal)
+        marker.unlink(missing_ok=True)  # committed (after an error it stays: its files go next time)
 
     def _insert(self, db, dataset_id, conversation: Conversation, images, extra, source, labelled, author) -> int:
         now = time.time()
@@ -315,11 +453,13 @@ class Store:
         spans = [L.canonical(t.spans) for t in conversation.turns]
         if labelled is None:
             labelled = any(spans)
+        key = content_key(turns, [(parse_role(t.role), s) for t, s in zip(conversation.turns, spans)],
+                          [sha for sha, _ in images], extra)
         cid = db.execute(
             "INSERT INTO conversations (dataset_id, position, source, extra, search_text, version, labelled, "
-            "created_at, updated_at, updated_by) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+            "created_at, updated_at, updated_by, content_key) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
             (dataset_id, position, source, json.dumps(extra or {}, ensure_ascii=False), search, int(labelled),
-             now, now, author)).lastrowid
+             now, now, author, key)).lastrowid
         db.executemany("INSERT INTO turns (conversation_id, turn, speaker, text, role) VALUES (?, ?, ?, ?, ?)",
                        [(cid, i, t.speaker, t.text, parse_role(t.role)) for i, t in enumerate(conversation.turns)])
         db.executemany('INSERT INTO spans (conversation_id, turn, start, "end", role) VALUES (?, ?, ?, ?, ?)',
@@ -544,6 +684,40 @@ class Store:
         return self._edit(cid, expected_version, author, change, kind=word)
 
 
+class Batch:
+    """Inserts into one dataset inside one write transaction (see Store.batch)."""
+
+    def __init__(self, store: Store, db, dataset_id: int, removed: int, batch_id: str, journal):
+        self.store, self.db, self.dataset_id, self.removed = store, db, dataset_id, removed
+        self.id, self._journal = batch_id, journal
+
+    def new_image(self, relative: str) -> Path:
+        """Journal the image file `relative` (sha[:2]/sha.ext under image_dir) before it is written;
+        returns the temporary path to write it to (then rename it into place)."""
+        self._journal.write(relative + "\n")
+        self._journal.flush()  # the page cache outlives a killed process; no fsync needed for that
+        folder, name = relative.split("/")
+        return self.store.image_dir / folder / f".tmp-{self.id}-{name}"
+
+    def __call__(self, conversation, *, images=(), extra=None, source=None, labelled=None, author="import") -> int:
+        db = self.db
+        db.execute("SAVEPOINT record")
+        try:
+            cid = self.store._insert(db, self.dataset_id, conversation, images, extra, source, labelled, author)
+        except BaseException:
+            db.execute("ROLLBACK TO record")
+            db.execute("RELEASE record")
+            raise
+        db.execute("RELEASE record")
+        return cid
+
+    def positions(self, key: str) -> list[int]:
+        """Positions of the dataset's conversations imported with content key `key`, in order."""
+        return [p for (p,) in self.db.execute(
+            "SELECT position FROM conversations WHERE dataset_id = ? AND content_key = ? ORDER BY position",
+            (self.dataset_id, key))]
+
+
 def _dataset_name(name) -> str:
     if not isinstance(name, str) or not name.strip():
         raise StoreError("a dataset needs a non-empty name")
@@ -570,5 +744,5 @@ def _check_range(conv: StoredConversation, turn: int, start: int, end: int) -> N
                          f"(its text has {length} characters)")
 
 
-__all__ = ["Store", "StoreError", "NotFoundError", "StaleVersionError", "StoredConversation", "Revision",
-           "ConversationSummary", "DatasetInfo", "Labels"]
+__all__ = ["Store", "StoreError", "StoreBusyError", "NotFoundError", "StaleVersionError", "StoredConversation",
+           "Revision", "ConversationSummary", "DatasetInfo", "Labels", "Batch", "content_key"]

@@ -1,8 +1,10 @@
 """Import and export: ShareGPT JSON / JSONL in, ShareGPT, LLaMA-Factory or per-token semantic ids out.
 
 A record is checked completely (structure and roles by `workbench.align.normalize_record`, then its
-images: present, readable, not too big) before anything of it is written, and it is written in one
-savepoint, so an invalid record leaves nothing behind while the valid ones around it are stored.
+images: present, regular files, readable, not too big) before anything of it is written, and it is
+written in one savepoint, so an invalid record leaves nothing behind while the valid ones around it are
+stored. A record already in the dataset (same content key: a file imported again after a crash) is
+skipped and reported.
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ import re
 import sqlite3
 import stat
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.hsa import sharegpt_name
+from models.hsa import parse_role, sharegpt_name
 from workbench.align import AlignError, Conversation, align_record, normalize_record
 
-from .db import Store, StoreError
+from . import labels as L
+from .db import Batch, Store, StoreError, content_key
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
@@ -52,12 +56,14 @@ class PreparedRecord:
 class ImportReport:
     dataset: str
     stored: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # invalid records, each named
     conversation_ids: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # records already in the dataset, each named
+    cleaned: int = 0  # files removed that an interrupted import had left
 
     @property
     def total(self) -> int:
-        return self.stored + len(self.errors)
+        return self.stored + len(self.errors) + len(self.skipped)
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -287,15 +293,21 @@ def _read_image(path: Path, where: str, max_bytes: int, max_pixels: int) -> tupl
     return data, IMAGE_FORMATS[fmt]
 
 
-def save_image(image_dir: Path, data: bytes, ext: str, *, written: list | None = None) -> tuple[str, str]:
+def save_image(image_dir: Path, data: bytes, ext: str, *, written: list | None = None,
+               batch: Batch | None = None) -> tuple[str, str]:
     """Store image bytes content-addressed (written whole, then renamed into place). New files
-    are fsynced here, or, when a `written` list is given, collected there for `make_durable`."""
+    are fsynced here, or, when a `written` list is given, collected there for `make_durable`. Inside
+    an import batch, new files are journaled first, so that a killed import leaves nothing behind."""
     sha = hashlib.sha256(data).hexdigest()
     relative = f"{sha[:2]}/{sha}.{ext}"
     target = image_dir / relative
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        if batch is not None:
+            tmp = batch.new_image(relative)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             if written is None:
@@ -338,11 +350,19 @@ def make_durable(paths) -> None:
 def import_records(store: Store, dataset: str, records, *, base_dir=".", progress=None, batch_size: int = 256,
                    author: str = "import", source: str | None = None, confine_to=None, **limits) -> ImportReport:
     """Store every valid record of `records` ((name, record) pairs) in `dataset`; the report lists
-    the invalid ones. `progress(done, total)` is called as it goes. A new dataset is only created
-    when at least one record is stored."""
+    the invalid ones and those skipped as already present. `progress(done, total)` is called as it
+    goes. A new dataset is only created when at least one record is stored.
+
+    Already present: the dataset holds as many conversations with the record's content key as this
+    import has met records with it so far, not counting its own. So a file imported again (after a
+    crash, or twice) adds only what is missing, and a file that repeats a record on purpose keeps
+    every copy. StoreBusyError when another process holds the database for the busy timeout (the
+    batches stored before stay, and a new import skips them)."""
     records = list(records)
     report = ImportReport(dataset)
     existed = any(info.name == dataset.strip() for info in store.datasets()) if isinstance(dataset, str) else False
+    met: Counter = Counter()       # records of this import per content key, stored or skipped
+    inserted: Counter = Counter()  # of which this import stored
     for start in range(0, len(records), batch_size):
         prepared = []
         for name, record in records[start:start + batch_size]:
@@ -355,15 +375,26 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
                 report.errors.append(f"{name}: {INTERNAL_ERROR} ({type(e).__name__}: {e})")
         written: list[Path] = []
         if prepared:
-            with store.batch(dataset) as add:
+            with store.batch(dataset) as batch:
+                report.cleaned += batch.removed
                 for name, item in prepared:
-                    images = [save_image(store.image_dir, data, ext, written=written) for data, ext in item.images]
+                    key = record_key(item)
+                    present = batch.positions(key)
+                    if met[key] < len(present) - inserted[key]:
+                        report.skipped.append(f"{name}: already in dataset {dataset.strip()!r} as conversation "
+                                              f"#{present[met[key]] + 1}; skipped")
+                        met[key] += 1
+                        continue
+                    images = [save_image(store.image_dir, data, ext, written=written, batch=batch)
+                              for data, ext in item.images]
                     try:
-                        cid = add(item.conversation, images=images, extra=item.extra, author=author,
-                                  labelled=item.labelled, source=f"{source} {name}" if source else name)
+                        cid = batch(item.conversation, images=images, extra=item.extra, author=author,
+                                    labelled=item.labelled, source=f"{source} {name}" if source else name)
                     except (StoreError, ValueError, sqlite3.Error) as e:
                         report.errors.append(f"{name}: {e}")
                         continue
+                    met[key] += 1
+                    inserted[key] += 1
                     report.stored += 1
                     report.conversation_ids.append(cid)
                 make_durable(written)  # the images are on disk before the rows naming them commit
@@ -372,6 +403,13 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
     if not report.stored and not existed and any(info.name == dataset.strip() for info in store.datasets()):
         store.delete_dataset(dataset.strip())  # every record failed to insert: leave no empty dataset
     return report
+
+
+def record_key(item: PreparedRecord) -> str:
+    """The content key the store gives this record (see workbench.store.db.content_key)."""
+    turns = item.conversation.turns
+    return content_key([(t.speaker, t.text) for t in turns], [(parse_role(t.role), L.canonical(t.spans)) for t in turns],
+                       [hashlib.sha256(data).hexdigest() for data, _ in item.images], item.extra)
 
 
 def import_file(store: Store, path, *, dataset: str | None = None, progress=None, author: str = "import",
