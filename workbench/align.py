@@ -221,9 +221,10 @@ def _turn_ends(processor, messages: list[dict], rendered: str, add_generation_pr
     pass over the turns: what turn i adds to the text is learnt by rendering it in a short window
     (the leading system turns and up to WINDOW turns before it, the window growing by one turn a
     render), and each such piece is checked against the whole rendering at the place where it must
-    start; the last end is checked against the whole conversation rendered. A template that renders
-    a turn differently in its full context (images numbered across turns, a closing only after the
-    last turn, turns counted, ...) fails a check, and then the reference decides."""
+    start; the last end is checked against the whole conversation rendered. Turn i is the last
+    turn of its window as it is of the reference's prefix, so what a template does after the last
+    turn (or before the next) agrees; what it does with turns before the window (images numbered
+    across turns, turns counted, ...) fails a check, and then the reference decides."""
     n = len(messages)
     head = 0  # leading system turns: every window starts with them
     while head < n and messages[head]["role"] == "system":
