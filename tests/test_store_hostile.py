@@ -160,3 +160,176 @@ def test_a_record_with_both_conversations_and_messages_is_refused_by_name(store,
     assert report.errors == ["record 1: has both 'conversations' and 'messages'; give one"]
     with pytest.raises(FileError, match="record 1: has both 'conversations' and 'messages'"):
         load_records(data_dir / "both.json")  # what training reads
+
+
+# --- item 13: a re-import stores nothing twice ---------------------------------------------------------
+
+def conversation_count(path, dataset=None) -> int:
+    db = sqlite3.connect(path)
+    try:
+        if dataset is None:
+            return db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM conversations c JOIN datasets d ON d.id = c.dataset_id "
+                          "WHERE d.name = ?", (dataset,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_importing_a_file_again_skips_and_names_the_records_already_there(store, data_dir):
+    records = [record(), image_record("red.png"), record("Second?"), record()]  # record 3 repeats record 0
+    path = write_json(data_dir / "twice.json", records)
+    first = import_file(store, path, dataset="d")
+    assert first.stored == 4 and not first.skipped  # a repeat inside one file is kept: it may be on purpose
+    again = import_file(store, path, dataset="d")
+    assert again.stored == 0 and not again.errors and again.total == 4
+    assert again.skipped == ["record 0: already in dataset 'd' as conversation #1; skipped",
+                             "record 1: already in dataset 'd' as conversation #2; skipped",
+                             "record 2: already in dataset 'd' as conversation #3; skipped",
+                             "record 3: already in dataset 'd' as conversation #4; skipped"]
+    grown = import_file(store, write_json(data_dir / "grown.json", records + [record("New?"), record()]), dataset="d")
+    assert grown.stored == 2 and len(grown.skipped) == 4  # the new record and a third copy of record 0
+    assert store.dataset("d").total == 6
+    assert import_file(store, path, dataset="other").stored == 4  # another dataset is another collection
+
+
+def test_a_conversation_edited_since_its_import_is_still_recognised(store, data_dir):
+    path = write_json(data_dir / "one.json", [record()])
+    cid = import_file(store, path, dataset="d").conversation_ids[0]
+    store.set_span(cid, 0, 0, 4, "noise", expected_version=1)
+    assert import_file(store, path, dataset="d").skipped
+    changed = record(answer="It is blue.")
+    assert import_file(store, write_json(data_dir / "changed.json", [changed]), dataset="d").stored == 1
+
+
+def test_the_command_reports_skipped_records_and_exits_0(tmp_path, data_dir):
+    src = write_json(data_dir / "r.json", [record(), record("Second?")])
+    assert cli("import", src, "--db", tmp_path / "c.db").returncode == 0
+    done = cli("import", src, "--db", tmp_path / "c.db")
+    assert done.returncode == 0, done.stderr
+    assert "stored 0 of 2 records" in done.stdout and "2 already there" in done.stdout
+    assert "skipped: record 1: already in dataset 'r' as conversation #2" in done.stderr
+
+
+def make_old_database(path, data_dir) -> None:
+    """A database as the store wrote it before content keys (schema version 0), one conversation
+    edited after its import."""
+    with Store(path) as store:
+        report = import_file(store, write_json(data_dir / "old.json", [record(), image_record("red.png")]),
+                             dataset="old")
+        store.set_turn_role(report.conversation_ids[0], 0, "noise", expected_version=1)
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX conversations_by_key")
+    db.execute("ALTER TABLE conversations DROP COLUMN content_key")
+    db.execute("PRAGMA user_version = 0")
+    db.commit()
+    db.close()
+
+
+def test_an_older_database_is_migrated_and_its_rows_keyed(tmp_path, data_dir):
+    path = tmp_path / "old.db"
+    make_old_database(path, data_dir)
+    with Store(path) as store:
+        report = import_file(store, data_dir / "old.json", dataset="old")
+        assert report.stored == 0 and len(report.skipped) == 2, report
+        assert store.conversation(1).turns[0].role == 2  # the edit survived the migration
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("SELECT COUNT(*) FROM conversations WHERE content_key IS NULL").fetchone()[0] == 0
+    db.close()
+
+
+# --- items 13 and 14: an import killed with SIGKILL, then run again ------------------------------------
+
+def noise_png(path: Path, seed: int, size: int = 96) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def stray_files(image_dir: Path, db_path: Path) -> list[str]:
+    """Files under image_dir that no row names: temporaries, images of uncommitted records, markers."""
+    if not image_dir.exists():
+        return []
+    db = sqlite3.connect(db_path)
+    try:
+        named = {f for (f,) in db.execute("SELECT DISTINCT file FROM images")}
+    except sqlite3.OperationalError:
+        named = set()
+    finally:
+        db.close()
+    return sorted(str(p.relative_to(image_dir)) for p in image_dir.rglob("*")
+                  if p.is_file() and str(p.relative_to(image_dir)) not in named)
+
+
+def kill_mid_batch(child: subprocess.Popen, image_dir: Path, db_path: Path, after: int, timeout: float = 120) -> bool:
+    """SIGKILL the importer as soon as more than `after` conversations are committed and it has image
+    files on disk that no committed row names yet (inside a later batch); False when it finished first."""
+    t0 = time.monotonic()
+    while child.poll() is None and time.monotonic() - t0 < timeout:
+        if any(not s.startswith(".importing-") for s in stray_files(image_dir, db_path)) and \
+                db_path.exists() and conversation_count(db_path) > after:
+            child.kill()
+            child.wait()
+            return True
+        time.sleep(0.002)
+    child.wait(timeout=timeout)
+    return False
+
+
+def run_killed_imports(tmp_path, n_records: int, kills: int):
+    data = tmp_path / "data"
+    data.mkdir()
+    records = []
+    for i in range(n_records):
+        noise_png(data / f"{i}.png", seed=i)
+        records.append(image_record(f"{i}.png", user=f"Which colour has picture {i}?"))
+    src = data / "big.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    db_path, image_dir = tmp_path / "k.db", tmp_path / "images"
+    landed = 0  # kills that left files behind (one landing just after a commit leaves none: tried again)
+    for _ in range(kills + 5):
+        child = subprocess.Popen([sys.executable, "-m", "workbench.store", "import", str(src), "--db", str(db_path)],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not kill_mid_batch(child, image_dir, db_path, after=256 * landed):  # each kill a batch further on
+            break  # it finished: nothing left to kill
+        landed += bool(stray_files(image_dir, db_path))
+        if landed == kills:
+            break
+    # item 14: the next import, of anything, removes what the killed one left
+    other = cli("import", write_json(data / "other.json", [record()]), "--db", db_path)
+    assert other.returncode == 0, other.stderr
+    assert stray_files(image_dir, db_path) == []
+    done = cli("import", src, "--db", db_path, timeout=300)
+    return records, db_path, image_dir, landed, done
+
+
+def check_whole_after_kills(records, db_path, image_dir, done):
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    n = len(records)
+    assert conversation_count(db_path, "big") == n  # nothing twice, nothing lost
+    db = sqlite3.connect(db_path)
+    texts = [t for (t,) in db.execute("SELECT t.text FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+                                      "JOIN datasets d ON d.id = c.dataset_id WHERE d.name = 'big' AND speaker = 'user'")]
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    assert sorted(texts) == sorted(r["conversations"][0]["value"] for r in records)
+    assert stray_files(image_dir, db_path) == []  # no orphan image, no .tmp- file, no marker
+    skipped = done.stderr.count("skipped: ")
+    assert f"stored {n - skipped} of {n} records" in done.stdout
+    return skipped
+
+
+def test_an_import_killed_mid_batch_then_run_again_stores_each_record_once_and_leaves_no_files(tmp_path):
+    records, db_path, image_dir, landed, done = run_killed_imports(tmp_path, n_records=600, kills=1)
+    assert landed == 1
+    check_whole_after_kills(records, db_path, image_dir, done)
+
+
+@pytest.mark.slow
+def test_many_imports_killed_mid_batch(tmp_path):
+    records, db_path, image_dir, landed, done = run_killed_imports(tmp_path, n_records=2000, kills=6)
+    assert landed >= 3
+    skipped = check_whole_after_kills(records, db_path, image_dir, done)
+    print(f"\nkilled imports: {landed} SIGKILLs survived, {skipped} records skipped as already there")
