@@ -1,15 +1,19 @@
 """The training config: every key, its default, and the checks that run before anything starts.
 
 `{"dataset": "data.json", "output_dir": "runs/x", "max_steps": 3, "hsa": true}` is complete; every
-other key has a default. Unknown keys and inconsistent combinations are refused with a message that
-names them, before a model is loaded.
+other key has a default. Unknown keys, values of the wrong type or out of range (NaN and infinities
+included) and inconsistent combinations are refused with a message that names them, before a model
+is loaded. The keys are a pydantic model (TrainConfig); check_inputs then reads what they point at.
 """
 from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
 from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL
 # The language model's projections (Llama/Qwen naming). The vision tower is excluded by
@@ -29,69 +33,161 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the offending keys."""
 
 
-@dataclass
-class TrainConfig:
+def _whole(value):
+    """An integral float (2.0) is the int it spells; anything else goes to the strict check as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class TrainConfig(BaseModel):
+    """Every key of a run's config: its type (strict: "4" is not an int, 1 is not a bool; 2.0 is the
+    int 2 and 1 the float 1.0), its default and its range. Unknown keys are refused (extra="forbid")."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     dataset: str                                  # a ShareGPT / LLaMA-Factory .json/.jsonl file, or "store:NAME"
     output_dir: str = ""                          # default: runs/<dataset name>
     base_model: str = str(DEFAULT_MODEL)          # a local directory or a hub id
     store_db: str = ""                            # the annotation database, for "store:NAME" datasets
     image_root: str = ""                          # where relative image paths resolve; default: the dataset's folder
-    stage: str = "sft"                            # "sft": conversations; "align": a composed VLM's projector alone
-    finetuning: str = "lora"                      # "lora" or "full" (stage "sft")
+    stage: Literal[STAGES] = "sft"                # "sft": conversations; "align": a composed VLM's projector alone
+    finetuning: Literal[FINETUNING] = "lora"      # "lora" or "full" (stage "sft")
     train_projector: bool = True                  # a composed VLM's projector trains in full beside LoRA
     merge: bool = False                           # after LoRA: merge_and_unload into a plain checkpoint, merged/
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    quantization: str = "none"                    # "none", "8bit", "4bit" (NF4 + double quantization: QLoRA)
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup: float = 0.0                           # an int: steps; a float in [0, 1): a fraction of all steps
-    epochs: float = 1.0
-    max_steps: int = -1                           # > 0 overrides epochs
-    batch_size: int = 1                           # per device
-    grad_accum: int = 1
-    max_length: int = 1024
+    lora_r: Int = Field(16, ge=1)
+    lora_alpha: Int = Field(32, ge=1)
+    lora_dropout: Finite = Field(0.05, ge=0, lt=1)
+    lora_target: list[str] | str = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    quantization: Literal[QUANTIZATIONS] = "none"  # "none", "8bit", "4bit" (NF4 + double quantization: QLoRA)
+    learning_rate: Finite = Field(2e-4, gt=0)
+    lr_scheduler: Literal[SCHEDULERS] = "cosine"
+    warmup: int | float = 0.0                     # an int: steps; a float in [0, 1): a fraction of all steps
+    epochs: Finite = 1.0
+    max_steps: Int = -1                           # > 0 overrides epochs
+    batch_size: Int = Field(1, ge=1)              # per device
+    grad_accum: Int = Field(1, ge=1)
+    max_length: Int = Field(1024, ge=1)
     hsa: bool = True                              # train under the HSA mask (attn_implementation="hsa")
-    seed: int = 42
-    eval_split: float = 0.0                       # fraction of the records held out for eval loss
-    eval_steps: int = 0                           # evaluate every N steps; 0: once, at the end
-    logging_steps: int = 1
-    save_steps: int = 50                          # checkpoint every N optimizer steps
-    save_total_limit: int = 2
+    seed: Int = Field(42, ge=0, le=2 ** 32 - 1)   # numpy's range
+    eval_split: Finite = Field(0.0, ge=0, lt=1)   # fraction of the records held out for eval loss
+    eval_steps: Int = Field(0, ge=0)              # evaluate every N steps; 0: once, at the end
+    logging_steps: Int = Field(1, ge=1)
+    save_steps: Int = Field(50, ge=1)             # checkpoint every N optimizer steps
+    save_total_limit: Int = Field(2, ge=0)        # checkpoints kept; 0: all of them
     resume: bool | str = False                    # true: the last checkpoint in output_dir; or a checkpoint path
-    dtype: str = "auto"                           # compute dtype: bf16 on GPUs that have it, else float32
+    dtype: Literal[DTYPES] = "auto"               # compute dtype: bf16 on GPUs that have it, else float32
     gradient_checkpointing: bool = False
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: Finite = Field(0.0, ge=0)
+    max_grad_norm: Finite = Field(1.0, ge=0)      # 0: no clipping
     # A Mamba+attention hybrid's fusion gates (models.hybrid): regularizers added to the loss.
-    gate_balance_weight: float = 0.0              # x (mean gate - gate_balance_target)^2, per layer
-    gate_balance_target: float = 0.5
-    gate_entropy_weight: float = 0.0              # x -(binary entropy of the gates): against early saturation
-    gate_entropy_steps: int = 0                   # the entropy term only for the first N steps; 0: all steps
+    gate_balance_weight: Finite = Field(0.0, ge=0)  # x (mean gate - gate_balance_target)^2, per layer
+    gate_balance_target: Finite = Field(0.5, ge=0, le=1)  # a gate's mean
+    gate_entropy_weight: Finite = Field(0.0, ge=0)  # x -(binary entropy of the gates): against early saturation
+    gate_entropy_steps: Int = Field(0, ge=0)      # the entropy term only for the first N steps; 0: all steps
+
+    @field_validator("lora_target", mode="before")
+    @classmethod
+    def _lora_target(cls, value):
+        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            return value
+        if isinstance(value, str) and any(v.strip() for v in value.split(",")):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ValueError("lora_target must be a list of module names, a comma-separated string or 'all-linear'")
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, value):
+        if isinstance(value, (bool, str)):
+            return value
+        raise ValueError("resume must be true/false or a checkpoint path")
+
+    @field_validator("warmup", mode="before")
+    @classmethod
+    def _warmup(cls, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"warmup must be a number of steps (int) or a fraction in [0, 1), got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"warmup must be a finite number, got {value}")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"warmup steps must be >= 0, got {value}")
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            raise ValueError(f"warmup as a fraction must be in [0, 1), got {value} (an integer is a number of steps)")
+        return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value):
+        if value == 0 or value < -1:
+            raise ValueError(f"max_steps must be a positive number of steps (or -1 to train for epochs), got {value}")
+        return value
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     @property
     def store_dataset(self) -> str | None:
         return self.dataset[len(STORE_PREFIX):] if self.dataset.startswith(STORE_PREFIX) else None
 
 
-KEYS = [f.name for f in fields(TrainConfig)]
-_DEFAULTS = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(TrainConfig)
-             if f.name != "dataset"}
-_TYPES = {
-    "dataset": str, "output_dir": str, "base_model": str, "store_db": str, "image_root": str, "stage": str, "finetuning": str,
-    "train_projector": bool, "merge": bool,
-    "lora_r": int, "lora_alpha": int, "lora_dropout": float, "quantization": str, "learning_rate": float,
-    "lr_scheduler": str, "warmup": float, "epochs": float, "max_steps": int, "batch_size": int, "grad_accum": int,
-    "max_length": int, "hsa": bool, "seed": int, "eval_split": float, "eval_steps": int, "logging_steps": int,
-    "save_steps": int, "save_total_limit": int, "dtype": str, "gradient_checkpointing": bool,
-    "weight_decay": float, "max_grad_norm": float, "gate_balance_weight": float, "gate_balance_target": float,
-    "gate_entropy_weight": float, "gate_entropy_steps": int,
-}
+KEYS = list(TrainConfig.model_fields)
+_DEFAULTS = {name: info.get_default(call_default_factory=True) for name, info in TrainConfig.model_fields.items()
+             if name != "dataset"}
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """A ValidationError as one message per key, in the config's words."""
+    unknown, by_key = [], {}
+    for item in error.errors():
+        key = str(item["loc"][0]) if item["loc"] else ""
+        kind, value = item["type"], item.get("input")
+        if kind == "extra_forbidden":
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            unknown.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            continue
+        if key in by_key:
+            continue  # one message per key (a union reports each of its branches)
+        if kind == "missing":
+            by_key[key] = f"missing key {key!r}" + (" (a ShareGPT .json/.jsonl file or store:NAME)"
+                                                    if key == "dataset" else "")
+        elif kind == "value_error":
+            by_key[key] = str(item["ctx"]["error"])
+        elif kind == "literal_error":
+            by_key[key] = f"{key} must be one of {', '.join(get_args(TrainConfig.model_fields[key].annotation))}, " \
+                          f"got {value!r}"
+        elif kind == "finite_number":
+            by_key[key] = f"{key} must be a finite number, got {value!r}"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            by_key[key] = f"{key} must be {_range(key)}, got {value!r}"
+        else:  # a value of the wrong type
+            by_key[key] = f"{key} must be {_type_name(key)}, got {value!r}"
+    return unknown + [by_key[k] for k in KEYS if k in by_key]
+
+
+def _type_name(key: str) -> str:
+    annotation = TrainConfig.model_fields[key].annotation
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _range(key: str) -> str:
+    """A field's bounds in words: 'positive', 'at least 1', '>= 0', 'in [0, 1)'."""
+    bounds = {}
+    for item in TrainConfig.model_fields[key].metadata:
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(item, name, None) is not None:
+                bounds[name] = getattr(item, name)
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = (bounds["le"], "]") if "le" in bounds else (bounds["lt"], ")") if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[0]}{high[1]}"
+    if low == ("(", 0):
+        return "positive"
+    if low == ("[", 1):
+        return "at least 1"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    return f"{'<=' if high[1] == ']' else '<'} {high[0]}"
 
 
 def defaults() -> dict:
@@ -103,25 +199,12 @@ def parse_config(raw: dict, *, base_dir: Path | None = None) -> TrainConfig:
     working directory when None). Raises ConfigError naming every problem found."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a JSON/YAML object of keys, got {type(raw).__name__}")
+    try:
+        config = TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError("; ".join(_problems(error))) from None
     problems: list[str] = []
-    unknown = [k for k in raw if k not in KEYS]
-    for key in unknown:
-        close = difflib.get_close_matches(key, KEYS, n=1)
-        problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    values = {}
-    for key, value in raw.items():
-        if key in unknown:
-            continue
-        checked = _check_type(key, value, problems)
-        if checked is not None:
-            values[key] = checked
-    if "dataset" not in raw:
-        problems.append("missing key 'dataset' (a ShareGPT .json/.jsonl file or store:NAME)")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-    given = set(values)
-    config = TrainConfig(**values)
+    given = set(raw)
     _check_consistency(config, given, problems)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -203,37 +286,6 @@ def _check_projector(c: TrainConfig, given: set[str], problems: list[str]) -> No
                         f"{found.get('model_type', 'model')} without one")
 
 
-def _check_type(key: str, value, problems: list[str]):
-    if key == "lora_target":
-        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            return value
-        if isinstance(value, str) and value:
-            return [v.strip() for v in value.split(",") if v.strip()]
-        problems.append("lora_target must be a list of module names, a comma-separated string or 'all-linear'")
-        return None
-    if key == "resume":
-        if isinstance(value, (bool, str)):
-            return value
-        problems.append("resume must be true/false or a checkpoint path")
-        return None
-    want = _TYPES[key]
-    if want is bool:
-        if isinstance(value, bool):
-            return value
-    elif want is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif want is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value if key == "warmup" and isinstance(value, int) else float(value)
-    elif isinstance(value, str):
-        return value
-    problems.append(f"{key} must be {want.__name__}, got {value!r}")
-    return None
-
-
 def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> None:
     def choice(key, allowed):
         if getattr(c, key) not in allowed:
@@ -261,36 +313,14 @@ def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> 
         if c.quantization != "none":
             problems.append(f"quantization {c.quantization!r} given but stage 'align' trains the projector in full "
                             "precision")
-    for key in ("gate_balance_weight", "gate_entropy_weight", "gate_entropy_steps"):
-        if getattr(c, key) < 0:
-            problems.append(f"{key} must be >= 0, got {getattr(c, key)}")
-    if not 0.0 <= c.gate_balance_target <= 1.0:
-        problems.append(f"gate_balance_target must be in [0, 1] (a gate's mean), got {c.gate_balance_target}")
     if c.merge and c.finetuning != "lora":
         problems.append("merge given but finetuning is 'full': merging folds a LoRA adapter into its base")
     if "epochs" in given and "max_steps" in given and c.max_steps > 0:
         problems.append("both epochs and max_steps given: give one (max_steps would override epochs)")
-    for key in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
-        if getattr(c, key) < 1:
-            problems.append(f"{key} must be at least 1, got {getattr(c, key)}")
-    if c.max_steps == 0 or c.max_steps < -1:
-        problems.append(f"max_steps must be a positive number of steps (or -1 to train for epochs), got {c.max_steps}")
     if c.max_steps <= 0 and c.epochs <= 0:
         problems.append("epochs must be positive when max_steps is not given")
-    if not 0.0 <= c.lora_dropout < 1.0:
-        problems.append(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
-    if not 0.0 <= c.eval_split < 1.0:
-        problems.append(f"eval_split must be in [0, 1), got {c.eval_split}")
     if c.eval_steps and c.eval_split == 0:
         problems.append("eval_steps given but eval_split is 0: there is nothing to evaluate on")
-    if c.eval_steps < 0:
-        problems.append(f"eval_steps must be >= 0, got {c.eval_steps}")
-    if c.learning_rate <= 0:
-        problems.append(f"learning_rate must be positive, got {c.learning_rate}")
-    if isinstance(c.warmup, float) and not 0.0 <= c.warmup < 1.0:
-        problems.append(f"warmup as a fraction must be in [0, 1), got {c.warmup} (an integer is a number of steps)")
-    if isinstance(c.warmup, int) and c.warmup < 0:
-        problems.append(f"warmup steps must be >= 0, got {c.warmup}")
     if c.store_dataset is not None and not c.store_dataset:
         problems.append("dataset 'store:' names no dataset")
     if "store_db" in given and c.store_dataset is None:
@@ -350,8 +380,10 @@ def check_inputs(c: TrainConfig) -> None:
     Raises ConfigError naming every problem found."""
     problems: list[str] = []
     if c.store_dataset is None:
-        if not Path(c.dataset).is_file():
+        if not Path(c.dataset).exists():
             problems.append(f"dataset file {c.dataset} does not exist")
+        else:
+            _check_dataset_file(c, problems)
     else:
         _check_store_dataset(c, problems)
     found = model_config(c.base_model)
@@ -399,6 +431,54 @@ def check_output_dir(c: TrainConfig, config_file: Path | None = None) -> None:
                           "a new run needs a new or empty folder, or resume: true to continue the run there")
 
 
+def held_out(n_records: int, eval_split: float) -> int:
+    """How many of n records an eval split holds out: round(eval_split * n), at least one when
+    eval_split > 0 (as workbench.train.run.split_records does)."""
+    return max(1, round(eval_split * n_records)) if eval_split > 0 else 0
+
+
+def _check_eval_split(c: TrainConfig, n_records: int, problems: list[str]) -> None:
+    n_eval = held_out(n_records, c.eval_split)
+    if n_records and n_eval >= n_records:
+        problems.append(f"eval_split {c.eval_split} holds out {n_eval} of the {n_records} records of the dataset: "
+                        "none would be left to train on")
+
+
+def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
+    """The dataset file is a dataset: JSON or JSONL records that training can read (turns, roles,
+    spans, images present under image_root), with records left to train on after the eval split.
+    The first few bad records are named."""
+    from workbench.align import AlignError, normalize_record
+    from workbench.store.io import FileError, load_records
+
+    where = f"dataset {c.dataset}"
+    try:
+        records = load_records(c.dataset)
+    except FileError as e:
+        reason = str(e).removeprefix(f"{c.dataset}: ")
+        problems.append(f"{where} is not a dataset: {reason}")
+        return
+    except (OSError, ValueError) as e:
+        problems.append(f"{where} cannot be read: {e}")
+        return
+    image_root = Path(c.image_root or Path(c.dataset).parent)
+    bad = []
+    for index, record in enumerate(records):
+        try:
+            conv = normalize_record(record, index=index)
+            missing = [image for image in conv.images if not (image_root / image).is_file()]
+            if missing:
+                bad.append(f"record {index}: image {missing[0]} not found under {image_root}")
+        except AlignError as e:
+            bad.append(str(e))
+        if len(bad) == 3:
+            break
+    if bad:
+        problems.append(f"{where} is not a dataset training can read: " + "; ".join(bad)
+                        + ("; ..." if len(bad) == 3 else ""))
+    _check_eval_split(c, len(records), problems)
+
+
 def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
     import os
 
@@ -409,17 +489,42 @@ def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
     if not Path(db).is_file():
         problems.append(f"annotation database {db} does not exist")
         return
-    from workbench.store.db import Store
+    from workbench.store.db import Store, StoreError
 
-    with Store(db) as store:
-        try:
-            if store.conversation_ids(c.store_dataset):
+    try:
+        with Store(db) as store:
+            try:
+                ids = store.conversation_ids(c.store_dataset)
+            except StoreError:  # NotFoundError: no dataset of that name
+                ids = []
+            if ids:
+                _check_eval_split(c, len(ids), problems)
                 return
-        except ValueError:  # the store's NotFoundError: no dataset of that name
-            pass
-        names = [getattr(d, "name", str(d)) for d in store.datasets()]
+            names = [getattr(d, "name", str(d)) for d in store.datasets()]
+    except StoreError as e:  # not an annotation database, or busy
+        problems.append(f"store_db: {e}")
+        return
     known = f" (datasets: {', '.join(names)})" if names else " (the store has no datasets)"
     problems.append(f"store dataset {c.store_dataset!r} has no conversations{known}")
+
+
+def check_nproc(nproc) -> None:
+    """The number of training processes a run may start (DDP): one per GPU on a GPU machine, at most
+    one per CPU core without one. ConfigError names nproc otherwise."""
+    import os
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"nproc must be a whole number of processes, at least 1, got {nproc!r}")
+    if nproc == 1:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (os.cpu_count() or 1, f"{os.cpu_count() or 1} CPU cores "
+                                                                                  "and no GPU")
+    if nproc > limit:
+        raise ConfigError(f"nproc {nproc}: more processes than this machine has devices for ({what}); "
+                          f"at most {limit}")
 
 
 def unmatched_lora_targets(found: dict, targets: list[str]) -> str:

@@ -20,7 +20,8 @@ import gradio as gr
 
 from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
 from workbench.jobs.manager import CONFIG_NAME
-from workbench.train.config import SCHEDULERS, STORE_PREFIX, ConfigError, check_inputs, defaults, parse_config
+from workbench.train.config import (SCHEDULERS, STORE_PREFIX, ConfigError, check_inputs, check_nproc, defaults,
+                                    parse_config)
 from workbench.train.run import ADAPTER_DIR, GATE_STATS, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
 
@@ -137,7 +138,10 @@ def form_config(ctx: AppContext, values: dict) -> tuple[dict, int]:
         if not isinstance(more, dict):
             raise ConfigError("extra keys: a JSON object, e.g. {\"save_steps\": 20}")
         config.update(more)
-    return confine_paths(ctx, config), max(1, int(values.get("nproc") or 1))
+    nproc = values.get("nproc") or 1
+    nproc = int(nproc) if isinstance(nproc, float) and nproc.is_integer() else nproc
+    check_nproc(nproc)
+    return confine_paths(ctx, config), nproc
 
 
 def confine_paths(ctx: AppContext, config: dict) -> dict:
