@@ -71,7 +71,9 @@ class PathRule:
 
     def model(self, value: str, what: str = "base_model") -> str:
         """A model to load: an embedded model's name or folder, a hub id (both as given), or a path that
-        `path` allows (resolved). A name that exists in the workspace is that folder, not a hub id."""
+        `path` allows (resolved). A name that exists in the workspace is that folder, not a hub id; on a
+        confined server so is a name that exists in the server's current folder (transformers would load
+        that folder rather than the hub's model), which `path` then resolves in the workspace."""
         from models.zoo import EMBEDDED
 
         text = str(value).strip()
@@ -81,7 +83,7 @@ class PathRule:
         if local is not None and any(local == Path(m).resolve() or local.is_relative_to(Path(m).resolve())
                                      for m in (*EMBEDDED.values(), *self.models)):
             return str(local)
-        if is_hub_id(text) and not (Path(self.workspace) / text).exists():
+        if is_hub_id(text) and not (Path(self.workspace) / text).exists() and not (self.confined and Path(text).exists()):
             return text
         return str(self.path(text, what))
 

@@ -710,7 +710,7 @@ def _processor_loader(ctx):
     from workbench.ui.context import cached_processor
 
     def load(name: str):
-        return cached_processor(ctx.resolve_model(name))
+        return cached_processor(ctx.model_source(name, "model"))
 
     return load
 
@@ -721,7 +721,7 @@ def _model_loader(ctx):
     def load(name: str):
         from models.vlm.loading import load_vlm
 
-        path = ctx.resolve_model(name)
+        path = ctx.model_source(name, "model")
         return shared_pool().get(vlm_key(path, None, "eager"), lambda: load_vlm(path, attn_implementation="eager"))
 
     return load

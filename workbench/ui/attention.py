@@ -103,7 +103,7 @@ def compute(text, model_name, uploads, layer, head, mean_heads, max_length, ctx:
             progress=None):
     """Conversation + model + layer/head -> (result, status markdown). Raises for the caller to show."""
     record = resolve_images(parse_conversation_text(text), uploads, ctx)
-    name = ctx.resolve_model(model_name)
+    name = ctx.model_source(model_name, "model")
     if progress is not None:
         progress(0.02, desc=f"loading {name}")
     model, processor = cache.get(name)

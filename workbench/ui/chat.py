@@ -37,7 +37,7 @@ class ChatBackend:
         runs = finished_runs(self.ctx.runs_dir)
         if choice in runs:
             return runs[choice]
-        return self.ctx.resolve_model(choice), None
+        return self.ctx.model_source(choice, "model"), None
 
     def model(self, choice: str):
         name, adapter = self.resolve(choice)
@@ -259,6 +259,7 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
             from models.vlm import GenerationSettings
 
             settings = GenerationSettings(**options)
+            backend.resolve(model_choice or "default")  # a model outside what this server may read: refused
         except (ChatInputError, ValueError, TypeError) as error:
             raise gr.Error(str(error)) from None
         # A generator: predict() returns the whole reply, submit() streams the growing text.

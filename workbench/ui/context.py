@@ -46,6 +46,13 @@ class AppContext:
             return str(self.default_model)
         return str(EMBEDDED.get(name, name))
 
+    def model_source(self, name: str | None, what: str = "model") -> str:
+        """What a loader gets for a model a form names: '' / 'default' and the embedded names -> their
+        folder, a hub id as given, a path resolved against the workspace. On a server that others can
+        reach, a path outside the workspace and the allowed folders is refused (PathRefused, naming
+        `what`): the one rule of workbench.paths, for every tab that loads a model or tokenizer."""
+        return self.paths.model(self.resolve_model(name), what)
+
     @staticmethod
     def embedded_names() -> list[str]:
         """The embedded models that are built (their directory has a config), by name."""

@@ -75,7 +75,7 @@ def show_mask(text: str, model_name: str, uploads, max_length, ctx: AppContext,
     try:
         record = resolve_images(parse_conversation_text(text), uploads, ctx)
         progress(0.2, desc="loading the tokenizer")
-        processor = cached_processor(ctx.resolve_model(model_name))
+        processor = cached_processor(ctx.model_source(model_name, "model"))
         progress(0.5, desc="aligning roles to tokens")
         view = build_mask_view(record, processor, image_root=ctx.workspace,
                                max_length=int(max_length) if max_length else None)
