@@ -280,3 +280,67 @@ def test_a_server_reachable_by_others_trains_only_on_files_in_the_workspace_or_a
         tab.manager_for.cache_clear()
     local = AppContext.create(tmp_path / "ws-local")
     assert tab.preview(local, form(dataset=str(outside / "data.json")))[2] == ""
+
+
+def test_a_shared_server_trains_only_on_images_in_the_workspace_or_allowed_folders(tmp_path):
+    """Gap of issue 19.7: a dataset in the workspace may name images anywhere on the disk (an absolute path,
+    '..', a link in the workspace to a file outside, the annotation database's image rows); on a server that
+    others can reach the preview, the start and the clone refuse it by record and image, before any run."""
+    import os
+    import sqlite3
+
+    from conftest import shapes_png
+    from workbench.store import Store, import_records
+
+    outside, shared = tmp_path / "outside", tmp_path / "shared"
+    for folder in (outside, shared, tmp_path / "ws" / "images"):
+        folder.mkdir(parents=True)
+    secret, allowed_png = shapes_png(outside / "secret.png"), shapes_png(shared / "ok.png")
+    exposed = AppContext.create(tmp_path / "ws", allowed_paths=[shared], confined=True)
+    ws = exposed.workspace
+    shapes_png(ws / "images" / "ok.png")
+    os.symlink(secret, ws / "images" / "link.png")
+
+    def record(image):
+        return {"conversations": [{"from": "human", "value": "<image>What color?"}, {"from": "gpt", "value": "Red."}],
+                "images": [image]}
+
+    good = [record("images/ok.png"), record(str(allowed_png)), record(str(ws / "images" / "ok.png"))]
+    attacks = [str(secret), "../outside/secret.png", "images/link.png", "images/../../outside/secret.png",
+               "/etc/passwd", str(ws / "images" / "link.png"), "/no/such/file.png"]  # existing or not: the same words
+    try:
+        for k, image in enumerate(attacks):
+            (ws / f"data-{k}.json").write_text(json.dumps([*good, record(image)]))
+            values = form(dataset=f"data-{k}.json")
+            problems = tab.preview(exposed, values)[2]
+            assert "record 3, image 0" in problems and "outside the workspace" in problems, (image, problems)
+            run_id, text = tab.start_run(exposed, values)
+            assert run_id is None and "record 3, image 0" in text, (image, text)
+        # image_root in "More keys": relative images resolve there, and still only inside
+        (ws / "data-root.json").write_text(json.dumps([record("ok.png"), record("../../outside/secret.png")]))
+        problems = tab.preview(exposed, form(dataset="data-root.json", extra=json.dumps({"image_root": "images"})))[2]
+        assert "record 1, image 0" in problems and "outside the workspace" in problems, problems
+        (ws / "data-good.json").write_text(json.dumps(good))
+        assert tab.preview(exposed, form(dataset="data-good.json"))[2] == ""
+        # a store dataset whose database names an image outside its image folder (a database uploaded by someone)
+        with Store(exposed.db_path) as store:
+            import_records(store, "d", [("r", record("images/ok.png"))], base_dir=ws)
+        assert tab.preview(exposed, form(dataset="store:d", eval_split=0))[2] == ""
+        with sqlite3.connect(exposed.db_path) as db:
+            db.execute("UPDATE images SET file = ?", (os.path.relpath(secret, ws / "images"),))
+        problems = tab.preview(exposed, form(dataset="store:d", eval_split=0))[2]
+        assert "image 0" in problems and "outside the workspace" in problems, problems
+        # a clone whose edits point at such a dataset
+        manager = tab.manager_of(exposed)
+        done = manager.wait(manager.submit({"dataset": str(ws / "data-good.json")},
+                                           command=[sys.executable, "-c", "pass"]).id)
+        new_id, text = tab.clone_run(exposed, done.id, json.dumps({"dataset": "data-0.json"}))
+        assert new_id is None and "record 3, image 0" in text, text
+        assert [run.id for run in manager.list()] == [done.id]
+    finally:
+        tab.manager_of(exposed).close()
+        tab.manager_for.cache_clear()
+    local = AppContext.create(tmp_path / "ws")  # the same workspace served to its user only
+    assert tab.preview(local, form(dataset="data-0.json"))[2] == ""
+    tab.manager_of(local).close()
+    tab.manager_for.cache_clear()

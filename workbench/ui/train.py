@@ -158,6 +158,65 @@ def confine_paths(ctx: AppContext, config: dict) -> dict:
     return config
 
 
+def check_run(ctx: AppContext, config: dict, base_dir: Path | None = None) -> None:
+    """What Preview, Start and Clone check before a run exists: the config's keys and values, the files it
+    reads (workbench.train.config.check_inputs) and, on a server that others can reach, the dataset's images.
+    Raises ConfigError / ValueError (PathRefused) naming the problem. The images go first: whether a file
+    outside exists is nothing a refusal may tell."""
+    parsed = parse_config(config, base_dir=base_dir or ctx.workspace)
+    check_dataset_images(ctx, parsed)
+    check_inputs(parsed)
+
+
+MAX_NAMED = 5  # image refusals named in one message
+
+
+def check_dataset_images(ctx: AppContext, c) -> None:
+    """On a server that others can reach, every image the dataset names must resolve (links followed) inside
+    the workspace or an allowed folder (the dataset's image_root is one of them: confine_paths checked it),
+    as the run would read it: image_root / image for a file, the store's image folder for store:NAME.
+    A dataset file that cannot be read is left to the run's own checks. Raises PathRefused naming the
+    record and the image; a local server reads what its user names."""
+    if not ctx.confined:
+        return
+    from workbench.align import normalize_record
+    from workbench.paths import PathRefused
+    from workbench.store.io import read_records
+
+    rule, refused = ctx.paths, []
+
+    def check(where: str, path: Path):
+        try:
+            rule.path(path, where)
+        except PathRefused as error:
+            refused.append(str(error))
+
+    if c.store_dataset is None:
+        image_root = Path(c.image_root) if c.image_root else Path(c.dataset).parent
+        try:
+            records = read_records(c.dataset)
+        except ValueError:
+            return
+        for index, (name, record) in enumerate(records):
+            try:
+                images = normalize_record(record, index=index).images
+            except Exception:  # noqa: BLE001 - a record the run refuses anyway: not this check's business
+                continue
+            for k, image in enumerate(images):
+                path = image_root / str(image)
+                check(f"{name}, image {k}" + (f" {image!r} read as" if str(path) != str(image) else ""), path)
+    else:
+        from workbench.store.db import Store
+
+        with Store(c.store_db) as store:
+            for cid in store.conversation_ids(c.store_dataset):
+                for k, image in enumerate(store.conversation(cid).images):
+                    check(f"dataset {c.store_dataset!r}, conversation {cid}, image {k}", image)
+    if refused:
+        more = f" (and {len(refused) - MAX_NAMED} more images outside)" if len(refused) > MAX_NAMED else ""
+        raise PathRefused("; ".join(refused[:MAX_NAMED]) + more)
+
+
 def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
     """(command, config JSON, problems) exactly as a start would run them; problems is '' when the
     config is valid."""
@@ -169,7 +228,7 @@ def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
     manager = manager_of(ctx)
     try:
         manager.check_output_dir(config)
-        check_inputs(parse_config(config, base_dir=ctx.workspace))
+        check_run(ctx, config)
     except ValueError as e:  # ConfigError too
         problems = f"**Cannot start:** {e}"
     next_dir = manager.runs_dir / f"run-{_next_run_id(manager):04d}"
@@ -189,7 +248,7 @@ def start_run(ctx: AppContext, values: dict, name: str = "") -> tuple[int | None
     try:
         config, nproc = form_config(ctx, values)
         manager_of(ctx).check_output_dir(config)
-        check_inputs(parse_config(config, base_dir=ctx.workspace))
+        check_run(ctx, config)
         run = manager_of(ctx).submit(config, name=name.strip() or None, nproc=nproc)
     except (ConfigError, ValueError, TypeError) as e:
         return None, f"**Not started:** {e}"
@@ -369,8 +428,8 @@ def clone_run(ctx: AppContext, run_id: int | None, edits_text: str) -> tuple[int
 
         manager.check_output_dir(edits)
         edits = confine_paths(ctx, edits)
-        check_inputs(parse_config(confine_paths(ctx, deep_merge(source.config, {"output_dir": None, "resume": None,
-                                                                               **edits})), base_dir=source.workdir))
+        check_run(ctx, confine_paths(ctx, deep_merge(source.config, {"output_dir": None, "resume": None, **edits})),
+                  base_dir=source.workdir)
         run = manager.clone(int(run_id), edits)
     except (json.JSONDecodeError, ValueError) as e:
         return None, f"**Not cloned:** {e}"
