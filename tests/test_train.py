@@ -171,6 +171,21 @@ def test_cancel_saves_a_checkpoint_that_resume_continues_from(manager, default_m
 
 
 def test_a_crashing_run_ends_failed_with_the_error(manager, default_model, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # found, but unreadable mid-run
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "human", "value": "<image> what is this?"}, {"from": "gpt", "value": "x"}],
+         "images": ["broken.png"]},
+    ]))
+    run = manager.wait(manager.submit({"dataset": str(data), "max_steps": 3, "base_model": str(default_model)}).id,
+                       timeout=300)
+    assert run.status == FAILED and run.exit_code == 1
+    assert "AlignError" in run.error and "image 0 cannot be read" in run.error
+
+
+def test_a_record_training_cannot_read_is_refused_before_the_run_starts(manager, default_model, tmp_path):
+    """Issue 19.12: it used to crash the run (AlignError after the model had loaded)."""
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
@@ -178,8 +193,8 @@ def test_a_crashing_run_ends_failed_with_the_error(manager, default_model, tmp_p
     ]))
     run = manager.wait(manager.submit({"dataset": str(data), "max_steps": 3, "base_model": str(default_model)}).id,
                        timeout=300)
-    assert run.status == FAILED and run.exit_code == 1
-    assert "AlignError" in run.error and "record 1" in run.error and "placeholder" in run.error
+    assert run.status == FAILED and run.exit_code == 2 and "Traceback" not in run.error
+    assert "record 1" in run.error and "placeholder" in run.error
 
 
 def test_a_run_with_a_bad_config_key_fails_naming_it(manager, tmp_path):
