@@ -344,3 +344,26 @@ def test_a_shared_server_trains_only_on_images_in_the_workspace_or_allowed_folde
     assert tab.preview(local, form(dataset="data-0.json"))[2] == ""
     tab.manager_of(local).close()
     tab.manager_for.cache_clear()
+
+
+def test_the_preview_names_the_folder_the_start_gives(ctx):
+    """The manager gives run-N-1 when a folder (or a link) run-N is already there, and never reuses the id of a
+    deleted run: the preview says the same folder the start then uses."""
+    import os
+
+    manager = tab.manager_of(ctx)
+
+    def previewed():
+        return json.loads(tab.preview(ctx, form())[1])["output_dir"]
+
+    (manager.runs_dir / "run-0001").mkdir()  # left by a run of an earlier database
+    os.symlink(ctx.workspace, manager.runs_dir / "run-0001-1")  # a link of the next name is never followed
+    expected = previewed()
+    run = manager.submit({}, command=[sys.executable, "-c", "pass"])
+    assert expected == str(run.output_dir) == str(manager.runs_dir / "run-0001-2")
+    manager.wait(run.id)
+    manager.delete(run.id)  # the newest run goes: its id is not given again
+    expected = previewed()
+    run = manager.submit({}, command=[sys.executable, "-c", "pass"])
+    assert expected == str(run.output_dir) == str(manager.runs_dir / "run-0002")
+    manager.wait(run.id)

@@ -250,14 +250,34 @@ class RunManager:
             raise ValueError(f"output_dir is chosen by the run manager (a new folder in {self.runs_dir}); "
                              f"remove output_dir {config['output_dir']!r} from the config")
 
-    def _new_folder(self, run_id: int) -> Path:
-        """runs_dir/run-N, created now; a folder of that name that already exists (left by a run of an
-        earlier database) belongs to someone else, so the name gets a suffix instead."""
+    def folder_for(self, run_id: int) -> Path:
+        """The folder a run with this id gets (the one place that decides it): runs_dir/run-N, or run-N-1,
+        run-N-2, ... when something of that name is there already (left by a run of an earlier database:
+        someone else's; a link too, never followed)."""
         for attempt in range(1000):
             folder = self.runs_dir / (f"run-{run_id:04d}" + (f"-{attempt}" if attempt else ""))
+            if not (folder.exists() or folder.is_symlink()):
+                return folder
+        raise RuntimeError(f"no free folder name for run {run_id} in {self.runs_dir}")
+
+    def next_folder(self) -> Path:
+        """The folder the next submitted run would get, as a preview shows it (a run submitted meanwhile,
+        from another session, takes it first)."""
+        db = self._connect()
+        try:
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'").fetchone()
+            top = db.execute("SELECT MAX(id) FROM runs").fetchone()[0]
+        finally:
+            db.close()
+        return self.folder_for(max(seq[0] if seq else 0, top or 0) + 1)  # AUTOINCREMENT: ids are not reused
+
+    def _new_folder(self, run_id: int) -> Path:
+        """`folder_for(run_id)`, created now (another process may create that name first: then the next)."""
+        for _ in range(1000):
+            folder = self.folder_for(run_id)
             try:
                 folder.mkdir()
-            except FileExistsError:  # a link of that name too: never followed
+            except FileExistsError:
                 continue
             return folder
         raise RuntimeError(f"no free folder name for run {run_id} in {self.runs_dir}")

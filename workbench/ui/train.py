@@ -231,15 +231,10 @@ def preview(ctx: AppContext, values: dict) -> tuple[str, str, str]:
         check_run(ctx, config)
     except ValueError as e:  # ConfigError too
         problems = f"**Cannot start:** {e}"
-    next_dir = manager.runs_dir / f"run-{_next_run_id(manager):04d}"
+    next_dir = manager.next_folder()
     shown = dict(config, output_dir=str(next_dir))
     command = shlex.join(train_command(next_dir / CONFIG_NAME, nproc))
     return f"cd {shlex.quote(str(manager.workdir))}\n{command}", json.dumps(shown, indent=2), problems
-
-
-def _next_run_id(manager: RunManager) -> int:
-    runs = manager.list(limit=1)
-    return (runs[0].id + 1) if runs else 1
 
 
 def start_run(ctx: AppContext, values: dict, name: str = "") -> tuple[int | None, str]:
