@@ -213,17 +213,30 @@ def wait_for(predicate, timeout: float = 20.0, step: float = 0.05):
 
 # --- the real workbench in a real browser -------------------------------------------------------
 
+def end_runs(manager) -> None:
+    """Close a test's run manager and SIGKILL whatever of its runs is left: the process group and every
+    process carrying the run's marker (DDP ranks, or any child, in sessions of their own)."""
+    import signal
+
+    from workbench.jobs.processes import run_marker, run_processes
+
+    manager.close()
+    for run in manager.list():
+        for pid in run_processes(run.pgid, run_marker(run.pid, run.proc_start)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture
 def manager(tmp_path):
     """A run manager for training runs (one at a time, 5 s to stop); no process outlives the test."""
-    from workbench.jobs import RunManager, group_members
+    from workbench.jobs import RunManager
 
     m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
     yield m
-    m.close()
-    for run in m.list():
-        if run.pgid and group_members(run.pgid):
-            os.killpg(run.pgid, 9)
+    end_runs(m)
 
 
 def free_port() -> int:

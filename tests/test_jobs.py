@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import end_runs, wait_for
 
 from workbench.jobs import (CANCELLED, FAILED, LOST, QUEUED, RUNNING, SUCCEEDED, MetricsTail, RunManager,
                             error_summary, group_members, is_alive, start_token, tail_text)
@@ -25,10 +25,7 @@ def script(code: str) -> list[str]:
 def manager(tmp_path):
     m = RunManager(tmp_path / "runs", max_concurrent=2, grace_s=1.0, monitor=False, workdir=tmp_path)
     yield m
-    m.close()
-    for run in m.list():  # never leave a process behind, whatever a test did
-        if run.pgid and group_members(run.pgid):
-            os.killpg(run.pgid, 9)
+    end_runs(m)  # never leave a process behind, whatever a test did
 
 
 def test_a_run_that_succeeds_records_its_exit_log_and_times(manager):
@@ -319,3 +316,24 @@ def test_resume_refuses_a_run_whose_folder_is_outside_the_runs_folder(manager, t
     assert manager.wait(manager.submit({}, command=script("pass")).id).status == SUCCEEDED
     with pytest.raises(ValueError, match="outside the runs folder"):
         manager.resume(run.id)
+
+
+def test_the_tests_cleanup_ends_a_process_that_left_the_runs_group(tmp_path):
+    """What the `manager` fixture does after each test (conftest.end_runs) ends every process of a run: the
+    group and, as DDP ranks do, a child in a session of its own (found by the run's marker)."""
+    from workbench.jobs.processes import is_alive, start_token
+
+    m = RunManager(tmp_path / "runs", max_concurrent=1, grace_s=5.0, monitor=False, workdir=tmp_path)
+    pids = tmp_path / "pids"
+    script = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        open({str(pids)!r}, "w").write(f"{{os.getpid()}} {{child.pid}}")
+        time.sleep(120)
+    """)
+    m.submit({}, command=[sys.executable, "-c", script])
+    pids_text = wait_for(lambda: pids.exists() and pids.read_text().strip(), timeout=30)
+    processes = [(pid, start_token(pid)) for pid in map(int, pids_text.split())]
+    assert all(is_alive(*p) for p in processes)
+    end_runs(m)
+    assert wait_for(lambda: not any(is_alive(*p) for p in processes), timeout=10)

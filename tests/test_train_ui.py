@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from workbench.jobs import SUCCEEDED, group_members
+from conftest import end_runs
+from workbench.jobs import SUCCEEDED
 from workbench.train.config import DEFAULT_LORA_TARGETS
 from workbench.ui import train as tab
 from workbench.ui.context import AppContext
@@ -18,12 +19,7 @@ def ctx(tmp_path):
     context = AppContext.create(tmp_path / "ws")
     (context.workspace / "shapes.json").write_text("[]")  # the form's dataset (runs here never read it)
     yield context
-    manager = tab.manager_of(context)
-    manager.close()
-    for run in manager.list():
-        if run.pgid and group_members(run.pgid):
-            import os
-            os.killpg(run.pgid, 9)
+    end_runs(tab.manager_of(context))  # its process group and its marker: nothing of a run outlives the test
     tab.manager_for.cache_clear()
 
 
