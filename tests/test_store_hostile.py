@@ -125,6 +125,20 @@ def test_a_busy_database_is_a_clear_error_not_a_raw_sqlite_one(tmp_path, data_di
         holder.close()
 
 
+def test_a_new_database_busy_while_its_tables_are_made_is_a_clear_error(tmp_path):
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="busy.*try again"):
+            Store(path, busy_timeout_s=0.2)
+    finally:
+        holder.close()
+    with Store(path) as store:  # once free, it opens
+        assert store.datasets() == []
+
+
 def test_list_and_export_do_not_wait_for_the_write_lock(tmp_path, data_dir):
     path = tmp_path / "read.db"
     with Store(path) as store:

@@ -232,6 +232,9 @@ class Store:
             if isinstance(e, sqlite3.OperationalError) and "not a database" not in str(e):
                 raise StoreError(f"cannot open the annotation database {self.path.name}: {e}") from None
             raise StoreError(f"{self.path.name} is not an annotation database ({e})") from None
+        except BaseException:  # busy while creating the tables, interrupted: no connection left open
+            self.close()
+            raise
 
     # --- connections and transactions ---------------------------------------------------------
 
