@@ -75,6 +75,19 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(tuple(Shape(k, c, s) for k, c, s in zip(kinds, colors, slots)), rng.randrange(2**31))
 
 
+def _layout(scene: Scene):
+    """(shape, centre x, centre y, half-width, fill colour) of each shape as drawn: the jitter is a
+    pure function of the scene's seed, so the drawing and the boxes (`shape_box`) agree."""
+    rng = random.Random(scene.seed)
+    for shape in scene.shapes:
+        cx, cy = shape.center
+        cx += rng.randint(-2, 2)
+        cy += rng.randint(-2, 2)
+        r = rng.randint(8, 11)
+        fill = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLORS[shape.color])
+        yield shape, cx, cy, r, fill
+
+
 def draw_scene(scene: Scene) -> Image.Image:
     """The scene on a white background, under the 2x2 grid's lines. Each shape fills most of its
     slot; size, offset and shade vary a little with the scene's seed so that no two draws are
@@ -86,15 +99,9 @@ def draw_scene(scene: Scene) -> Image.Image:
     wrong column). With the lines, each slot's 2x2 patches show the grid's crossing in a different
     corner. The trained tower keeps that for every empty slot but for only about two thirds of the
     slots with a shape, whose colour outweighs the thin lines (`scripts/slot_readout.py`)."""
-    rng = random.Random(scene.seed)
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
     draw = ImageDraw.Draw(image)
-    for shape in scene.shapes:
-        cx, cy = shape.center
-        cx += rng.randint(-2, 2)
-        cy += rng.randint(-2, 2)
-        r = rng.randint(8, 11)
-        fill = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLORS[shape.color])
+    for shape, cx, cy, r, fill in _layout(scene):
         if shape.kind == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif shape.kind == "square":
@@ -145,6 +152,45 @@ def describe_answer(scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+# --- grounding (off unless asked for: the embedded models were trained without it) ---------------
+
+GRID = 1000  # box coordinates are on a 0-1000 grid over the image, whatever its pixel size
+GROUNDING = "grounding"
+
+
+def shape_box(scene: Scene, shape: Shape) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) of the shape as drawn, in pixels (inclusive corners)."""
+    for drawn, cx, cy, r, _ in _layout(scene):
+        if drawn == shape:
+            if shape.kind == "square":
+                r -= 1
+            return cx - r, cy - r, cx + r, cy + r
+    raise ValueError(f"{shape} is not in the scene")
+
+
+def to_grid(box: tuple[int, int, int, int], size: int = IMAGE_SIZE) -> tuple[int, int, int, int]:
+    """A pixel box on the 0-1000 grid: corners scaled by 1000 / size and rounded."""
+    return tuple(round(v * GRID / size) for v in box)
+
+
+def box_answer(name: str, box: tuple[int, int, int, int]) -> str:
+    """`<ref>NAME</ref><box>[(x1, y1), (x2, y2)]</box>` with grid coordinates."""
+    x1, y1, x2, y2 = box
+    return f"<ref>{name}</ref><box>[({x1}, {y1}), ({x2}, {y2})]</box>"
+
+
+def _grounding_qa(rng, scene) -> "QA":
+    shape = rng.choice(scene.shapes)
+    name = f"the {shape.color} {shape.kind}"
+    q = rng.choice(["Where is {n}? Give its box.", "Give the box of {n}.", "Locate {n} with a box."])
+    return QA(q.format(n=name), box_answer(name, to_grid(shape_box(scene, shape))), GROUNDING, shape, "box")
+
+
+def scene_objects(scene: Scene) -> list[str]:
+    """The objects known to be in the image, for hallucination metrics (CHAIR): the shapes' kinds."""
+    return [s.kind for s in scene.shapes]
+
+
 @dataclass
 class QA:
     question: str
@@ -169,7 +215,7 @@ def _base_question(rng, scene, qtype) -> QA:
 def _followup(rng, scene, previous: QA) -> QA | None:
     """A question that only makes sense after `previous`: "And the other one?", "And the square?",
     "What color is it?"."""
-    if previous.subject is None:
+    if previous.subject is None or previous.qtype == GROUNDING:
         return None
     others = [s for s in scene.shapes if s != previous.subject]
     choices = []
@@ -315,7 +361,10 @@ class Sample:
 
 
 def make_conversation(rng: random.Random, *, noise: NoiseSpec = CLEAN, n_questions: tuple[int, int] = (2, 4),
-                      scene: Scene | None = None) -> Sample:
+                      scene: Scene | None = None, grounding: bool = False) -> Sample:
+    """One conversation. With `grounding`, "Where is the red circle? Give its box." questions join the
+    base question types (answers `<ref>`/`<box>` on the 0-1000 grid); without it (the default) the
+    random stream, and so every conversation, is what it always was."""
     scene = scene or random_scene(rng)
     image = draw_scene(scene)
     n = rng.randint(*n_questions)
@@ -329,8 +378,9 @@ def make_conversation(rng: random.Random, *, noise: NoiseSpec = CLEAN, n_questio
                 continue
         # count and describe have one answer per image: ask each at most once
         used = {qa.qtype for qa in qas} & {"count", "describe"}
-        qtype = rng.choice([t for t in ("color", "shape", "count", "position", "describe") if t not in used])
-        qas.append(_base_question(rng, scene, qtype))
+        base = ("color", "shape", "count", "position", "describe") + ((GROUNDING,) if grounding else ())
+        qtype = rng.choice([t for t in base if t not in used])
+        qas.append(_grounding_qa(rng, scene) if qtype == GROUNDING else _base_question(rng, scene, qtype))
 
     turns: list[dict] = []
     for i, qa in enumerate(qas):
@@ -370,11 +420,12 @@ def conversation_seed(split: str, seed: int, index: int) -> str:
 
 
 def generate(n: int, *, seed: int = 0, split: str = "train", noise: NoiseSpec = CLEAN,
-             n_questions: tuple[int, int] = (2, 4), start: int = 0) -> list[Sample]:
+             n_questions: tuple[int, int] = (2, 4), start: int = 0, grounding: bool = False) -> list[Sample]:
     """Conversations `start` .. `start + n - 1` of a stream that is a pure function of (split, seed,
-    noise, n_questions): drawing it in pieces gives the same conversations as drawing it at once."""
+    noise, n_questions, grounding): drawing it in pieces gives the same conversations as drawing it at
+    once. `grounding` adds box questions (off by default: the default stream is unchanged)."""
     return [make_conversation(random.Random(conversation_seed(split, seed, i)), noise=noise,
-                              n_questions=n_questions) for i in range(start, start + n)]
+                              n_questions=n_questions, grounding=grounding) for i in range(start, start + n)]
 
 
 # --- export ----------------------------------------------------------------------------------
