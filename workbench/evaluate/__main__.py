@@ -1,0 +1,5 @@
+import sys
+
+from workbench.evaluate import main
+
+sys.exit(main())
