@@ -112,3 +112,33 @@ def test_a_saved_image_only_processor_loads_back_whole(tmp_path, qwen2vl_process
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     loaded = load_processor(str(tmp_path))
     assert loaded.image_processor is not None and loaded.image_token_id == qwen2vl_processor.image_token_id
+
+
+def test_the_masks_tab_and_annotates_import_find_images_by_one_rule(tmp_path):
+    """One function (workbench.store.io.image_in_upload) decides for both: the same names are found or
+    refused, for the same reason, in the tab and in the import of the same upload."""
+    from workbench.store.io import RecordError, prepare_record
+    from workbench.ui.masks import UPLOADS_LABEL
+
+    upload = tmp_path / "upload"
+    (upload / "dir").mkdir(parents=True)
+    red = shapes_png(upload / "red.png")
+    shapes_png(upload / "dir" / "twice.png")
+    shapes_png(upload / "twice.png")
+    files = [red, upload / "dir" / "twice.png", upload / "twice.png"]
+    import_how = "add it to the upload (several files at once, or one .zip with the records and images)"
+    for image in ["red.png", "some/dir/red.png", "dir\\red.png", "/etc/passwd", "../red.png", "a\0b.png",
+                  "blue.png", "x/twice.png"]:
+        record = {"conversations": [{"from": "human", "value": "<image>hi"}], "images": [image]}
+        try:
+            prepare_record(record, base_dir=upload, confine_to=upload)
+            imported = "found"
+        except RecordError as error:
+            imported = str(error).split("image 0", 1)[1].replace(import_how, "HOW").split("; upload a .zip")[0]
+        try:
+            resolve_images(record, files)
+            shown = "found"
+        except ValueError as error:
+            shown = str(error).split("image 0", 1)[1].replace(f"add it under {UPLOADS_LABEL!r}", "HOW")
+            shown = shown.split("; rename one")[0]
+        assert imported == shown, (image, imported, shown)

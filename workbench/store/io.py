@@ -233,25 +233,41 @@ def _image_path(image, k: int, name: str, base_dir: Path, confine_to) -> Path:
     if confine_to is None:
         return base_dir / image
     root = Path(confine_to).resolve()
+    name_only = Path(image.replace("\\", "/")).name
+    return image_in_upload(image, where, root.rglob(glob.escape(name_only) or "*"), at=base_dir, root=root)
+
+
+def image_in_upload(image, where: str, uploaded, *, at=None, root=None,
+                    how: str = "add it to the upload (several files at once, or one .zip with the records and images)",
+                    same_name: str = "upload a .zip that keeps the folders") -> Path:
+    """The file an image a record names is, when images come from what a person uploaded only (issue 19.3):
+    the one rule of Annotate's import and the Masks and Attention tabs. The name must be a relative path
+    without '..' (else it is refused by its shape, whatever exists on the disk); it is the file at that path
+    under `at` (the record file's folder in an unpacked upload) if there is one, else the one file among
+    `uploaded` (the upload's files, an iterable read only then; links and folders skipped) with its file
+    name, as a browser sends files without their folders. Under `root` (the unpacked upload) no link is
+    followed. `how` says how to add an image, `same_name` what to do when several have its name.
+    RecordError (a ValueError) starts with `where`."""
+    if not isinstance(image, str) or not image.strip():
+        raise RecordError(f"{where} must be a file path, got {image!r}")
+    if "\x00" in image:
+        raise RecordError(f"{where} ({image!r}): a file path cannot hold a NUL byte")
     relative = Path(image.replace("\\", "/"))
     if relative.is_absolute() or relative.drive or ".." in relative.parts:
         raise RecordError(f"{where} ({image!r}): only paths inside the upload are allowed (no absolute "
-                          f"paths, no '..'); upload the image with the records, e.g. in one .zip")
-    path = base_dir / relative
-    if not (path.is_file() or path.is_symlink()):
-        same_name = [p for p in root.rglob(glob.escape(relative.name)) if p.is_file() and not p.is_symlink()] \
-            if relative.name else []
-        if len(same_name) == 1:
-            path = same_name[0]
-        elif len(same_name) > 1:
-            raise RecordError(f"{where} ({image!r}) is not in the upload at that path, and "
-                              f"{len(same_name)} uploaded files are called {relative.name!r}: upload a .zip "
-                              f"that keeps the folders")
-        else:
-            raise RecordError(f"{where} ({image!r}) is not in the upload: add it to the upload (several "
-                              f"files at once, or one .zip with the records and images)")
+                          f"paths, no '..'); {how}")
+    path = Path(at) / relative if at is not None else None
+    if path is None or not (path.is_file() or path.is_symlink()):
+        found = [Path(p) for p in uploaded if Path(p).name == relative.name and Path(p).is_file()
+                 and not Path(p).is_symlink()] if relative.name else []
+        if len(found) > 1:
+            raise RecordError(f"{where} ({image!r}): {len(found)} uploaded images are called {relative.name!r} "
+                              f"and none is at that path; {same_name}")
+        if not found:
+            raise RecordError(f"{where} ({image!r}) is not in the upload: {how}")
+        path = found[0]
     resolved = path.resolve()
-    if path.is_symlink() or (resolved != root and root not in resolved.parents):
+    if root is not None and (path.is_symlink() or not resolved.is_relative_to(Path(root).resolve())):
         raise RecordError(f"{where} ({image!r}) is a link leaving the upload: refused")
     return resolved
 

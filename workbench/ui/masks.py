@@ -41,32 +41,19 @@ EXAMPLE_SHAREGPT = """{
 
 
 def resolve_images(record: dict, uploads: list | None, ctx: AppContext | None = None) -> dict:
-    """The record's images are this request's uploads, looked up as Annotate's import looks them up
-    (`workbench.store.io`): a relative path without '..', found by its file name (a browser sends files
-    without their folders) when exactly one uploaded file has it. Nothing else on the server is read,
-    and what the error says depends on the name as written only, not on what exists on the disk."""
+    """The record's images are this request's uploads, found by Annotate's import rule
+    (`workbench.store.io.image_in_upload`): a relative path without '..', matched by its file name (a
+    browser sends files without their folders) when exactly one uploaded file has it. Nothing else on the
+    server is read, and what the error says depends on the name as written only, not on the disk."""
+    from workbench.store.io import image_in_upload
+
     images = record.get("images") or []
     if not isinstance(images, list):
         return record  # align names the problem
-    by_name: dict[str, list[str]] = {}
-    for path in uploads or []:
-        by_name.setdefault(Path(str(path)).name, []).append(str(Path(str(path)).resolve()))
-    resolved = []
-    for k, image in enumerate(images):
-        if not isinstance(image, str) or not image.strip():
-            raise ValueError(f"image {k} must be a file name, got {image!r}")
-        where = f"image {k} ({image!r})"
-        relative = Path(image.replace("\\", "/"))
-        if relative.is_absolute() or relative.drive or ".." in relative.parts:
-            raise ValueError(f"{where}: only images uploaded with the conversation are used (no absolute paths, "
-                             f"no '..'); add it under {UPLOADS_LABEL!r}")
-        found = by_name.get(relative.name, [])
-        if len(found) > 1:
-            raise ValueError(f"{where}: {len(found)} uploaded images are called {relative.name!r}; rename one")
-        if not found:
-            raise ValueError(f"{where} is not in the upload: add it under {UPLOADS_LABEL!r}")
-        resolved.append(found[0])
-    return dict(record, images=resolved)
+    uploaded = [Path(str(path)) for path in uploads or []]
+    return dict(record, images=[str(image_in_upload(image, f"image {k}", uploaded, how=f"add it under {UPLOADS_LABEL!r}",
+                                                    same_name="rename one"))
+                                for k, image in enumerate(images)])
 
 
 def show_mask(text: str, model_name: str, uploads, max_length, ctx: AppContext,
