@@ -69,6 +69,14 @@ def test_an_image_path_with_a_nul_byte_in_an_upload_refuses_that_record_only(sto
     assert report.stored == 1 and len(report.errors) == 1 and "NUL" in report.errors[0], report.errors
 
 
+def test_an_image_name_too_long_for_the_file_system_in_an_upload_refuses_that_record_only(store, data_dir, tmp_path):
+    """Found by the fuzz test: the look-up in the upload raised OSError (ENAMETOOLONG) with the server's path."""
+    records = write_json(data_dir / "up.json", [image_record("red.png"), image_record("a" * 5000 + ".png")])
+    report = import_upload(store, [records, data_dir / "red.png"], "up", tmp_path / "staging")
+    assert report.stored == 1 and len(report.errors) == 1, report.errors
+    assert "cannot be looked up (File name too long)" in report.errors[0] and str(tmp_path) not in report.errors[0]
+
+
 def test_the_command_reports_a_nul_byte_record_and_stores_the_others(tmp_path, data_dir):
     src = write_json(data_dir / "nul.json", [record(), image_record("red\x00.png"), record("Second?")])
     done = cli("import", src, "--db", tmp_path / "c.db")

@@ -256,17 +256,20 @@ def image_in_upload(image, where: str, uploaded, *, at=None, root=None,
     if relative.is_absolute() or relative.drive or ".." in relative.parts:
         raise RecordError(f"{where} ({image!r}): only paths inside the upload are allowed (no absolute "
                           f"paths, no '..'); {how}")
-    path = Path(at) / relative if at is not None else None
-    if path is None or not (path.is_file() or path.is_symlink()):
-        found = [Path(p) for p in uploaded if Path(p).name == relative.name and Path(p).is_file()
-                 and not Path(p).is_symlink()] if relative.name else []
-        if len(found) > 1:
-            raise RecordError(f"{where} ({image!r}): {len(found)} uploaded images are called {relative.name!r} "
-                              f"and none is at that path; {same_name}")
-        if not found:
-            raise RecordError(f"{where} ({image!r}) is not in the upload: {how}")
-        path = found[0]
-    resolved = path.resolve()
+    try:
+        path = Path(at) / relative if at is not None else None
+        if path is None or not (path.is_file() or path.is_symlink()):
+            found = [Path(p) for p in uploaded if Path(p).name == relative.name and Path(p).is_file()
+                     and not Path(p).is_symlink()] if relative.name else []
+            if len(found) > 1:
+                raise RecordError(f"{where} ({image!r}): {len(found)} uploaded images are called {relative.name!r} "
+                                  f"and none is at that path; {same_name}")
+            if not found:
+                raise RecordError(f"{where} ({image!r}) is not in the upload: {how}")
+            path = found[0]
+        resolved = path.resolve()
+    except OSError as e:  # a name longer than the file system allows, a link loop, ...: never a server path
+        raise RecordError(f"{where} ({image!r}) cannot be looked up ({e.strerror or type(e).__name__})") from None
     if root is not None and (path.is_symlink() or not resolved.is_relative_to(Path(root).resolve())):
         raise RecordError(f"{where} ({image!r}) is a link leaving the upload: refused")
     return resolved
