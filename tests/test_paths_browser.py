@@ -61,3 +61,29 @@ def test_a_shared_servers_train_tab_reads_only_the_workspace_and_the_allowed_fol
     assert preview_message(page, str(shared / "data.json")) == ""
     assert f'"dataset": "{shared / "data.json"}"' in page.locator("#train-config .cm-content").inner_text()
     screenshot(page, "train-allowed-folder")
+
+
+def test_a_shared_servers_masks_and_chat_tabs_load_no_model_from_outside(server, page):
+    """The Masks tab's tokenizer and the Chat tab's model follow the same rule: a folder outside is refused
+    in the tab, with the reason on screen."""
+    url, workspace, shared, outside = server
+    page.goto(url)
+    page.wait_for_selector("input[type=password]", timeout=120_000)
+    page.fill("input[type=text]", USER)
+    page.fill("input[type=password]", PASSWORD)
+    page.keyboard.press("Enter")
+    page.get_by_role("tab", name="Masks & Attention").click(timeout=120_000)
+    page.get_by_role("tab", name="HSA mask", exact=True).click()
+    page.fill("#mask-model textarea, #mask-model input", str(outside))
+    page.click("#mask-show")
+    page.wait_for_selector("#mask-status:has-text('outside the workspace')", timeout=60_000)
+    assert "Cannot show this conversation: model" in page.inner_text("#mask-status")
+    screenshot(page, "masks-model-refused")
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-model input").fill(str(outside))
+    page.locator("#chat-model input").press("Enter")
+    page.locator("#chat-input textarea").fill("What color is the circle?")
+    page.locator("#chat-input textarea").press("Enter")
+    page.wait_for_selector("#chat-status:has-text('outside the workspace')", timeout=60_000)
+    assert f"Cannot load {outside}: model" in page.inner_text("#chat-status")
+    screenshot(page, "chat-model-refused")
