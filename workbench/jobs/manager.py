@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     name         TEXT NOT NULL,
     status       TEXT NOT NULL CHECK (status IN ('queued','running','succeeded','failed','cancelled','lost')),
-    launcher     TEXT NOT NULL,          -- 'train': command built from the config; 'command': given
+    launcher     TEXT NOT NULL,          -- 'train' / 'evaluate': command built from the config; 'command': given
     config       TEXT NOT NULL,          -- JSON, the full config of the run
     command      TEXT NOT NULL,          -- JSON list: argv of the command (without the supervisor)
     nproc        INTEGER NOT NULL DEFAULT 1,
@@ -117,6 +117,10 @@ class Run:
         values["output_dir"] = Path(values["output_dir"])
         values["workdir"] = Path(values["workdir"])
         return cls(**values)
+
+
+# launcher -> the entry point a run of that kind executes with its config file
+ENTRY_POINTS = {"train": "workbench.train", "evaluate": "workbench.evaluate"}
 
 
 def train_command(config_path: Path, nproc: int = 1, python: str = sys.executable) -> list[str]:
@@ -213,15 +217,18 @@ class RunManager:
 
     # ---- submitting ----------------------------------------------------------------------
     def submit(self, config: dict, *, name: str | None = None, command: list[str] | None = None,
-               nproc: int = 1, parent_id: int | None = None) -> Run:
+               nproc: int = 1, parent_id: int | None = None, launcher: str = "train") -> Run:
         """Queue a run (it starts as soon as a slot is free). Without `command` the run trains:
-        `python -m workbench.train run_config.json` (torchrun when nproc > 1). The config is stored
+        `python -m workbench.train run_config.json` (torchrun when nproc > 1); with launcher="evaluate"
+        it evaluates: `python -m workbench.evaluate run_config.json`. The config is stored
         in full and written to the run's folder, which this manager picks: a new runs_dir/run-N.
         A config that names its own output_dir is refused: no run writes outside runs_dir or into
         another run's folder."""
         config = copy.deepcopy(dict(config))
         self.check_output_dir(config)
-        launcher = "train" if command is None else "command"
+        if launcher not in ENTRY_POINTS:
+            raise ValueError(f"launcher must be one of {list(ENTRY_POINTS)}, got {launcher!r}")
+        launcher = launcher if command is None else "command"
         now = time.time()
         with self._write() as db:
             cur = db.execute(
@@ -237,7 +244,12 @@ class RunManager:
                 raise
             config["output_dir"] = str(output_dir)
             config_path = output_dir / CONFIG_NAME
-            argv = train_command(config_path, nproc, self.python) if command is None else [str(a) for a in command]
+            if command is not None:
+                argv = [str(a) for a in command]
+            elif launcher == "train":
+                argv = train_command(config_path, nproc, self.python)
+            else:
+                argv = [self.python, "-m", ENTRY_POINTS[launcher], str(config_path)]
             db.execute("UPDATE runs SET name = ?, config = ?, command = ?, output_dir = ? WHERE id = ?",
                        (name or f"run-{run_id:04d}", json.dumps(config), json.dumps(argv), str(output_dir), run_id))
             config_path.write_text(json.dumps(config, indent=2))
@@ -300,9 +312,10 @@ class RunManager:
         It gets its own new folder (edits that name an output_dir are refused); it does not resume."""
         source = self.get(run_id)
         config = deep_merge(source.config, {"output_dir": None, "resume": None, **(edits or {})})
-        command = None if source.launcher == "train" else source.command
+        command = None if source.launcher in ENTRY_POINTS else source.command
         return self.submit(config, name=name or f"{source.name} (clone)", command=command,
-                           nproc=source.nproc, parent_id=source.id)
+                           nproc=source.nproc, parent_id=source.id,
+                           launcher=source.launcher if source.launcher in ENTRY_POINTS else "train")
 
     def resume(self, run_id: int) -> Run:
         """Queue a finished run again in its own output directory with `resume: true`, so the
