@@ -53,7 +53,7 @@ def hide_page_endpoints(app) -> None:
 def build_app(ctx):
     import gradio as gr
 
-    from workbench.ui import annotate, attention, chat, masks, train
+    from workbench.ui import annotate, attention, chat, evaluate, masks, train
     from workbench.web import UPLOAD_CLEANUP
 
     with gr.Blocks(title="HSA Workbench", delete_cache=UPLOAD_CLEANUP) as app:
@@ -72,6 +72,8 @@ def build_app(ctx):
                 train_tab = train.build(ctx)
             with gr.Tab("Chat", id="chat") as chat_tab_item:
                 chat_tab = chat.build(ctx)
+            with gr.Tab("Evaluate", id="evaluate"):
+                evaluate.build(ctx)
         # "Chat with this run" in the Train tab opens the run in the Chat tab.
         train_tab.chat_model.change(
             lambda label: (chat_tab.open_model(label), gr.Tabs(selected="chat")) if label else (gr.skip(), gr.skip()),
