@@ -97,6 +97,12 @@ def test_import_a_zip_browse_the_list_and_come_back_after_a_reload(page, app):
     wait_text(page, "#annotate-table", "🖼 Where is the circle?")  # the image placeholder shows as a picture
     wait_text(page, "#annotate-page", "page 1 of 2 · 24 conversations")
     screenshot(page, "annotate-list")
+    # the list's pager turns pages (its handler was once shadowed by the token view's pager)
+    page.locator("#annotate-list").get_by_role("button", name="page ▶").click()
+    wait_text(page, "#annotate-page", "page 2 of 2 · 24 conversations")
+    wait_text(page, "#annotate-table", "16")
+    page.locator("#annotate-list").get_by_role("button", name="◀ page").click()
+    wait_text(page, "#annotate-page", "page 1 of 2 · 24 conversations")
     table.get_by_text("Thanks for the help so far.").first.click()  # conversation 5
     wait_where(page, "5 / 24")
     wait_text(page, "#annotate-status", "Conversation #5 ")

@@ -868,10 +868,10 @@ def build(ctx) -> None:
 
     view.hsa_select(describe, [conv_id, model], status)
 
-    def turn_page(c, m, evt: gr.EventData):
+    def page_of_tokens(c, m, evt: gr.EventData):  # not `turn_page`: the listing's pager above calls that name
         return present(annotator.turn_page(c, m, evt._data or {}))
 
-    view.hsa_page(turn_page, [conv_id, model], shown)
+    view.hsa_page(page_of_tokens, [conv_id, model], shown)
     undo_button.click(lambda c, v, a, m, p: present(annotator.edit(c, v, a, m, "undo", {}, page=p)), edit_inputs, shown) \
         .then(after_edit, dataset, progress_md)
     redo_button.click(lambda c, v, a, m, p: present(annotator.edit(c, v, a, m, "redo", {}, page=p)), edit_inputs, shown) \
