@@ -355,3 +355,25 @@ def test_many_imports_killed_mid_batch(tmp_path):
     assert landed >= 3
     skipped = check_whole_after_kills(records, db_path, image_dir, done)
     print(f"\nkilled imports: {landed} SIGKILLs survived, {skipped} records skipped as already there")
+
+
+def test_the_annotate_tab_says_which_records_were_there_already_and_when_the_database_is_busy(tmp_path, data_dir):
+    from workbench.ui.annotate import Annotator
+
+    path = tmp_path / "tab.db"
+    source = write_json(data_dir / "tab.json", [record(), record("Second?")])
+    with Store(path) as store:
+        annotator = Annotator(store, exports_dir=tmp_path / "exports")
+        message, chosen = annotator.import_files([str(source)], "", "ann", None)
+        assert "Imported 2 of 2" in message and chosen == "tab"
+        message, chosen = annotator.import_files([str(source)], "", "ann", None)
+        assert message.startswith("Nothing new: all 2 records are in **tab** already.") and chosen == "tab"
+        assert "2 already there, skipped:" in message and "record 1: already in dataset 'tab' as conversation #2" in message
+    holder = hold_write_lock(path)
+    try:
+        with Store(path, busy_timeout_s=0.2) as store:
+            message, chosen = Annotator(store, exports_dir=tmp_path / "exports").import_files(
+                [str(source)], "", "ann", "tab")
+        assert message.startswith("⚠️ Import stopped: the annotation database tab.db is busy") and chosen == "tab"
+    finally:
+        holder.close()

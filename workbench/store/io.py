@@ -528,6 +528,8 @@ def import_upload(store: Store, files, dataset: str | None, folder, *, author: s
         report.stored += part.stored
         report.errors += part.errors
         report.conversation_ids += part.conversation_ids
+        report.skipped += part.skipped
+        report.cleaned += part.cleaned
     return report
 
 
