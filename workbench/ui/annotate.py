@@ -487,18 +487,25 @@ class Annotator:
                                    author=(author or "").strip() or "import", progress=progress)
         except FileError as e:
             return f"⚠️ Nothing imported: {e}", current
+        except StoreError as e:  # the database stayed busy: what was stored stays, and a new import skips it
+            return f"⚠️ Import stopped: {e} (importing the same files again adds only what is missing)", current
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if report.stored:
             lines = [f"Imported {report.stored} of {report.total} records into **{report.dataset}**."]
+        elif report.skipped and not report.errors:
+            lines = [f"Nothing new: all {report.total} records are in **{report.dataset}** already."]
         else:
             lines = [f"⚠️ Nothing imported: none of the {report.total} records could be stored."]
-        if report.errors:
-            lines.append(f"⚠️ {len(report.errors)} invalid record(s):")
-            lines += [f"- {e}" for e in report.errors[:20]]
-            if len(report.errors) > 20:
-                lines.append(f"- … and {len(report.errors) - 20} more")
-        return "\n".join(lines), report.dataset if report.stored else current
+        for problems, what in ((report.errors, "⚠️ {} invalid record(s):"), (report.skipped, "{} already there, skipped:")):
+            if problems:
+                lines.append(what.format(len(problems)))
+                lines += [f"- {e}" for e in problems[:20]]
+                if len(problems) > 20:
+                    lines.append(f"- … and {len(problems) - 20} more")
+        if report.cleaned:
+            lines.append(f"Removed {report.cleaned} image file(s) an interrupted import had left.")
+        return "\n".join(lines), report.dataset if report.stored or report.skipped else current
 
     def rename(self, dataset, new_name) -> tuple[str, str | None]:
         """(status, dataset to show) after renaming `dataset`."""
