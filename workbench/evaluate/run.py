@@ -174,7 +174,8 @@ def shapes_items(n: int = 20, seed: int = 0, noise: str = "clean", grounding: bo
     for index, sample in enumerate(samples):
         for record, expected, qtype, question in graded_prompts(sample):
             objects = shapes.scene_objects(sample.scene) if qtype == "describe" else None
-            items.append(Item(index, f"shapes {seed}:{index}", qtype, question, expected, record, objects))
+            items.append(Item(index, f"shapes {seed}:{index}", qtype, question.replace("<image>", "").strip(), expected,
+                              record, objects))
     return items
 
 

@@ -213,7 +213,7 @@ def build(ctx: AppContext):
                 shapes_seed = gr.Number(0, precision=0, label="shapes: seed")
                 noise = gr.Dropdown(["clean", "train", "heavy"], value="clean", label="shapes: noise")
                 grounding = gr.Checkbox(True, label="shapes: box questions")
-                limit = gr.Number(None, precision=0, minimum=1, label="records at most (files, store)")
+                limit = gr.Number(0, precision=0, minimum=0, label="records at most (files, store; 0: all)")
         with gr.Column(scale=1):
             modes = gr.CheckboxGroup(MODES, value=["greedy"], label="Decoding modes", elem_id="eval-modes")
             with gr.Row():
