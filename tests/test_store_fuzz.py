@@ -291,6 +291,7 @@ def test_many_more_hostile_records(tmp_path, seed):
     assert api.crashed == 0 and upload.crashed == 0
 
 
+@pytest.mark.slow  # nine processes (test_store_hostile runs the command on a FIFO and a NUL byte in every run)
 @pytest.mark.timeout(300)
 def test_the_command_never_prints_a_traceback_for_hostile_files(tmp_path):
     """The real command on the fuzz file and on hostile files: a FIFO, a device, a folder, binary data,
