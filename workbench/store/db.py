@@ -716,9 +716,10 @@ class Batch:
 
     def positions(self, key: str) -> list[int]:
         """Positions of the dataset's conversations imported with content key `key`, in order."""
-        return [p for (p,) in self.db.execute(
-            "SELECT position FROM conversations WHERE dataset_id = ? AND content_key = ? ORDER BY position",
-            (self.dataset_id, key))]
+        # sorted here: an ORDER BY position lets SQLite walk the dataset's position index instead of the
+        # key index, a scan of the whole dataset per record (10,000 records: import 14 s, re-import 25 s; now 1.6 s and 0.5 s)
+        return sorted(p for (p,) in self.db.execute(
+            "SELECT position FROM conversations WHERE dataset_id = ? AND content_key = ?", (self.dataset_id, key)))
 
 
 def _dataset_name(name) -> str:
