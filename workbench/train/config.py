@@ -27,6 +27,8 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STORE_PREFIX = "store:"
+METHODS = ("sft", "dpo", "nca")  # dpo / nca: preference pairs, workbench.train.preference
+REFERENCES = ("base", "copy")
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,10 @@ class TrainConfig(BaseModel):
     gate_balance_target: Finite = Field(0.5, ge=0, le=1)  # a gate's mean
     gate_entropy_weight: Finite = Field(0.0, ge=0)  # x -(binary entropy of the gates): against early saturation
     gate_entropy_steps: Int = Field(0, ge=0)      # the entropy term only for the first N steps; 0: all steps
+    # Preference alignment on pairs (chosen / rejected answers): DPO or NCA through TRL's DPOTrainer.
+    method: Literal[METHODS] = "sft"              # "sft": conversations; "dpo" / "nca": preference pairs
+    beta: Finite = Field(0.1, gt=0)               # dpo / nca: reward = beta x log(policy / reference)
+    reference: Literal[REFERENCES] = "base"       # dpo / nca: "base" (the adapter disabled) or "copy" (a frozen copy)
 
     @field_validator("lora_target", mode="before")
     @classmethod
@@ -321,6 +327,18 @@ def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> 
         problems.append("epochs must be positive when max_steps is not given")
     if c.eval_steps and c.eval_split == 0:
         problems.append("eval_steps given but eval_split is 0: there is nothing to evaluate on")
+    if c.method == "sft":
+        pref_keys = sorted(k for k in given if k in ("beta", "reference"))
+        if pref_keys:
+            problems.append(f"{', '.join(pref_keys)} given but method is 'sft' (they apply to 'dpo' and 'nca')")
+    else:
+        if c.stage == "align":
+            problems.append(f"method {c.method!r} needs stage 'sft' (stage 'align' trains a projector on captions)")
+        gated = sorted(k for k in given if k.startswith("gate_"))
+        if gated:
+            problems.append(f"{', '.join(gated)} given but method is {c.method!r}: gate regularizers apply to 'sft'")
+        if c.finetuning == "full" and "reference" in given and c.reference == "base":
+            problems.append("reference 'base' disables a LoRA adapter, but finetuning is 'full': use reference 'copy'")
     if c.store_dataset is not None and not c.store_dataset:
         problems.append("dataset 'store:' names no dataset")
     if "store_db" in given and c.store_dataset is None:
@@ -466,6 +484,10 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
     for index, record in enumerate(records):
         try:
             conv = normalize_record(record, index=index)
+            if c.method != "sft":  # a preference pair: the prompt and both answers
+                from workbench.pairs import split_pair
+
+                split_pair(record, index=index)
             missing = [image for image in conv.images if not (image_root / image).is_file()]
             if missing:
                 bad.append(f"record {index}: image {missing[0]} not found under {image_root}")
