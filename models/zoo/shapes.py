@@ -428,16 +428,48 @@ def generate(n: int, *, seed: int = 0, split: str = "train", noise: NoiseSpec = 
                               n_questions=n_questions, grounding=grounding) for i in range(start, start + n)]
 
 
+# --- preference pairs ------------------------------------------------------------------------
+
+def make_preference_pair(rng: random.Random) -> Sample:
+    """One preference pair in LLaMA-Factory's ranking format: a NOISE turn claims a wrong colour for a
+    shape, then the colour of that shape is asked (GLOBAL, with the image). `chosen` is the right answer;
+    `rejected` repeats the claim, the answer of a model the noise misled. Both answers are LANDMARK."""
+    scene = random_scene(rng)
+    shape = rng.choice(scene.shapes)
+    wrong = _wrong(rng, list(COLORS), shape.color)
+    opener = rng.choice(["I'm sure", "I think", "My friend says", "Trust me,"])
+    question, answer = _color_qa(rng, shape)
+    turns = [{"from": "human", "value": f"{opener} the {shape.kind} is {wrong}.", "semantic_type": NOISE},
+             {"from": "gpt", "value": rng.choice(CLAIM_REPLIES), "semantic_type": NOISE},
+             {"from": "human", "value": "<image>" + question, "semantic_type": GLOBAL_CONDITION}]
+    record = {"conversations": turns,
+              "chosen": {"from": "gpt", "value": answer, "semantic_type": LANDMARK},
+              "rejected": {"from": "gpt", "value": f"The {shape.kind} is {wrong}.", "semantic_type": LANDMARK},
+              "images": [draw_scene(scene)], "system": SYSTEM_PROMPT}
+    return Sample(record, scene, ["color"])
+
+
+def generate_pairs(n: int, *, seed: int = 0, split: str = "pref", start: int = 0) -> list[Sample]:
+    """Preference pairs `start` .. `start + n - 1` of a stream of their own (split "pref" by default),
+    a pure function of (split, seed); `generate`'s conversations are untouched by it."""
+    return [make_preference_pair(random.Random(conversation_seed(split, seed, i))) for i in range(start, start + n)]
+
+
 # --- export ----------------------------------------------------------------------------------
 
-def dataset_info_entry(file_name: str) -> dict:
-    """LLaMA-Factory's description of a ShareGPT dataset with images and a system column."""
-    return {
+def dataset_info_entry(file_name: str, *, ranking: bool = False) -> dict:
+    """LLaMA-Factory's description of a ShareGPT dataset with images and a system column; with
+    `ranking`, of preference pairs (chosen and rejected columns)."""
+    entry = {
         "file_name": file_name,
         "formatting": "sharegpt",
         "columns": {"messages": "conversations", "images": "images", "system": "system"},
         "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
     }
+    if ranking:
+        entry["ranking"] = True
+        entry["columns"].update(chosen="chosen", rejected="rejected")
+    return entry
 
 
 def export_sharegpt(samples: list[Sample], out_dir: str | Path, name: str = "shapes") -> Path:
@@ -460,7 +492,7 @@ def export_sharegpt(samples: list[Sample], out_dir: str | Path, name: str = "sha
     json_path.write_text(json.dumps(records, indent=1, ensure_ascii=False))
     info_path = out_dir / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info[name] = dataset_info_entry(json_path.name)
+    info[name] = dataset_info_entry(json_path.name, ranking=any("chosen" in r for r in records))
     info_path.write_text(json.dumps(info, indent=2))
     return json_path
 

@@ -10,6 +10,10 @@ __all__ = ["TrainConfig", "ConfigError", "parse_config", "load_config_file", "de
 
 
 def train(config: TrainConfig) -> dict:
+    if config.method != "sft":  # dpo / nca on preference pairs
+        from .preference import train as preference_train
+
+        return preference_train(config)
     from .run import train as run_train  # torch/transformers only when training, not to check a config
 
     return run_train(config)
