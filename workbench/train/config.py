@@ -26,6 +26,27 @@ STAGES = ("align", "sft")  # models.composed.STAGES: align trains a composed VLM
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The arguments each scheduler takes beyond warmup and the number of steps (transformers' get_scheduler),
+# with their checks; what a scheduler needs and the config does not give is filled in by scheduler_kwargs.
+_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+SCHEDULER_ARGS = {
+    "linear": {}, "constant": {}, "constant_with_warmup": {},
+    "cosine": {"num_cycles": ("a positive number", lambda v: _number(v) and v > 0)},
+    "cosine_with_restarts": {"num_cycles": ("a whole number >= 1", lambda v: _integer(v) and v >= 1)},
+    "polynomial": {"power": ("a positive number", lambda v: _number(v) and v > 0),
+                   "lr_end": ("a number >= 0", lambda v: _number(v) and v >= 0)},
+    "inverse_sqrt": {"timescale": ("a whole number >= 1", lambda v: _integer(v) and v >= 1)},
+    "cosine_with_min_lr": {"min_lr": ("a number >= 0", lambda v: _number(v) and v >= 0),
+                           "min_lr_rate": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+                           "num_cycles": ("a positive number", lambda v: _number(v) and v > 0)},
+    "warmup_stable_decay": {"num_decay_steps": ("a whole number >= 0", lambda v: _integer(v) and v >= 0),
+                            "num_stable_steps": ("a whole number >= 0", lambda v: _integer(v) and v >= 0),
+                            "warmup_type": (f"one of {', '.join(_DECAY_SHAPES)}", lambda v: v in _DECAY_SHAPES),
+                            "decay_type": (f"one of {', '.join(_DECAY_SHAPES)}", lambda v: v in _DECAY_SHAPES),
+                            "min_lr_ratio": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+                            "num_cycles": ("a positive number", lambda v: _number(v) and v > 0)},
+}
+WSD_DECAY_FRACTION = 0.1  # warmup_stable_decay without num_decay_steps: the last 10% of the steps decay
 STORE_PREFIX = "store:"
 METHODS = ("sft", "dpo", "nca")  # dpo / nca: preference pairs, workbench.train.preference
 REFERENCES = ("base", "copy")
@@ -33,6 +54,14 @@ REFERENCES = ("base", "copy")
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the offending keys."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _whole(value):
@@ -65,6 +94,7 @@ class TrainConfig(BaseModel):
     quantization: Literal[QUANTIZATIONS] = "none"  # "none", "8bit", "4bit" (NF4 + double quantization: QLoRA)
     learning_rate: Finite = Field(2e-4, gt=0)
     lr_scheduler: Literal[SCHEDULERS] = "cosine"
+    lr_scheduler_kwargs: dict = Field(default_factory=dict)  # the scheduler's own arguments (SCHEDULER_ARGS)
     warmup: int | float = 0.0                     # an int: steps; a float in [0, 1): a fraction of all steps
     epochs: Finite = 1.0
     max_steps: Int = -1                           # > 0 overrides epochs
@@ -81,6 +111,9 @@ class TrainConfig(BaseModel):
     resume: bool | str = False                    # true: the last checkpoint in output_dir; or a checkpoint path
     dtype: Literal[DTYPES] = "auto"               # compute dtype: bf16 on GPUs that have it, else float32
     gradient_checkpointing: bool = False
+    threads: Int = Field(0, ge=0)                 # torch threads of the run; 0: torch's default (OMP_NUM_THREADS)
+    dataloader_num_workers: Int = Field(-1, ge=-1)  # processes loading batches; -1: chosen for the machine
+    cache_dir: str = ""                           # aligned records (workbench.train.data); "": ~/.cache/hsa-workbench
     weight_decay: Finite = Field(0.0, ge=0)
     max_grad_norm: Finite = Field(1.0, ge=0)      # 0: no clipping
     # A Mamba+attention hybrid's fusion gates (models.hybrid): regularizers added to the loss.
@@ -120,6 +153,26 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup steps must be >= 0, got {value}")
         if isinstance(value, float) and not 0.0 <= value < 1.0:
             raise ValueError(f"warmup as a fraction must be in [0, 1), got {value} (an integer is a number of steps)")
+        return value
+
+    @field_validator("lr_scheduler_kwargs", mode="before")
+    @classmethod
+    def _lr_scheduler_kwargs(cls, value, info):
+        if not isinstance(value, dict):
+            raise ValueError(f"lr_scheduler_kwargs must be an object of the scheduler's arguments, got {value!r}")
+        name = info.data.get("lr_scheduler")
+        if name not in SCHEDULER_ARGS:
+            return value  # the scheduler itself is refused
+        allowed = SCHEDULER_ARGS[name]
+        for key, item in value.items():
+            if key not in allowed:
+                takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+                raise ValueError(f"lr_scheduler_kwargs: {key!r} is not an argument of {name} ({takes})")
+            what, ok = allowed[key]
+            if not ok(item):
+                raise ValueError(f"lr_scheduler_kwargs: {key} must be {what}, got {item!r}")
+        if name == "cosine_with_min_lr" and {"min_lr", "min_lr_rate"} <= value.keys():
+            raise ValueError("lr_scheduler_kwargs: give min_lr or min_lr_rate, not both")
         return value
 
     @field_validator("max_steps")
@@ -194,6 +247,18 @@ def _range(key: str) -> str:
     if low:
         return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
     return f"{'<=' if high[1] == ']' else '<'} {high[0]}"
+
+
+def scheduler_kwargs(c: TrainConfig, num_training_steps: int) -> dict:
+    """lr_scheduler_kwargs with what the scheduler needs and was not given: cosine_with_min_lr decays to a
+    tenth of the learning rate (min_lr_rate 0.1), warmup_stable_decay decays over the last tenth of the
+    steps (num_decay_steps)."""
+    kwargs = dict(c.lr_scheduler_kwargs)
+    if c.lr_scheduler == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & kwargs.keys():
+        kwargs["min_lr_rate"] = 0.1
+    if c.lr_scheduler == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+        kwargs["num_decay_steps"] = max(1, round(WSD_DECAY_FRACTION * num_training_steps))
+    return kwargs
 
 
 def defaults() -> dict:

@@ -1,8 +1,9 @@
-"""Training one config: data -> HSACollator -> model (attn_implementation "hsa" or "sdpa", LoRA /
-QLoRA / full) -> transformers Trainer, with metrics appended to metrics.jsonl as it goes.
+"""Training one config: data -> records aligned once (workbench.train.data) -> model (attn_implementation
+"hsa" or "sdpa", LoRA / QLoRA / full) -> transformers Trainer, with metrics appended to metrics.jsonl as it goes.
 
-The path of a labelled conversation: the dataset's records are validated up front, aligned per batch
-by `workbench.align.HSACollator` (input_ids, labels, semantic_ids, pixel_values), and the model's
+The path of a labelled conversation: the dataset's records are validated up front, aligned once
+(input_ids, labels, semantic_ids, image references; `workbench.train.data` keeps them on disk for the
+next epoch, resume or run), padded per batch with their pixels by `data.PadCollator`, and the model's
 attention reads `semantic_ids` from its keyword arguments (models.hsa). Works the same under
 `torchrun` / `accelerate launch` (DDP: gloo on CPU, nccl on GPUs).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -26,10 +28,11 @@ import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
 import models.hybrid  # noqa: F401  (registers the hsa_hybrid model type with the Auto classes)
 from models.composed import PROJECTOR, freeze_for_align, projector_parameters
 from models.vlm.processor import load_processor
-from workbench.align import AlignError, HSACollator, normalize_record
+from workbench.align import AlignError, normalize_record
 from workbench.store.io import load_records as read_json_records
 
-from .config import DEFAULT_LORA_TARGETS, LORA_EXCLUDE, TrainConfig
+from . import data
+from .config import DEFAULT_LORA_TARGETS, LORA_EXCLUDE, TrainConfig, scheduler_kwargs
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR, MODEL_DIR, MERGED_DIR = "adapter", "model", "merged"
@@ -83,31 +86,6 @@ def split_records(records: list, eval_split: float, seed: int) -> tuple[list, li
         raise ValueError(f"eval_split {eval_split} leaves no training records out of {len(records)}")
     held = set(order[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
-
-
-class Records(torch.utils.data.Dataset):
-    def __init__(self, records: list):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i):
-        return self.records[i]
-
-
-class Collator:
-    """HSACollator, minus semantic_ids when HSA is off (the same batches otherwise)."""
-
-    def __init__(self, processor, *, image_root, max_length: int, hsa: bool):
-        self.inner = HSACollator(processor, image_root=image_root, max_length=max_length)
-        self.hsa = hsa
-
-    def __call__(self, records) -> dict:
-        batch = self.inner(records)
-        if not self.hsa:
-            batch.pop("semantic_ids")
-        return batch
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -295,9 +273,23 @@ class SaveOnCancel(TrainerCallback):
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+def training_steps(config: TrainConfig, n_train: int) -> int:
+    """The optimizer steps the Trainer will take (as it counts them): max_steps, else epochs of batches."""
+    if config.max_steps > 0:
+        return config.max_steps
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    batches = -(-n_train // (config.batch_size * world))
+    return math.ceil(config.epochs * max(1, batches // config.grad_accum))
+
+
+def dataloader_workers(config: TrainConfig) -> int:
+    return data.default_workers() if config.dataloader_num_workers < 0 else config.dataloader_num_workers
+
+
+def training_arguments(config: TrainConfig, has_eval: bool, n_train: int = 0) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    workers = dataloader_workers(config)
     dtype = compute_dtype(config)
     evaluate_every = has_eval and config.eval_steps > 0
     return TrainingArguments(
@@ -305,6 +297,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup,
+        lr_scheduler_kwargs=scheduler_kwargs(config, training_steps(config, n_train)),
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
         num_train_epochs=config.epochs, max_steps=config.max_steps,
         logging_steps=config.logging_steps, logging_first_step=True,
@@ -316,8 +309,8 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         use_cpu=not cuda, ddp_backend="gloo" if distributed and not cuda else None, ddp_find_unused_parameters=False,
         gradient_checkpointing=False,  # enabled on the model by load_model, with peft's input hook
         include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,  # the dataset yields raw records for the collator
-        dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        remove_unused_columns=False,  # the dataset yields aligned records for the collator
+        dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0, dataloader_pin_memory=cuda,
         report_to="none", disable_tqdm=True,  # metrics lines in the log instead of redrawn bars
     )
 
@@ -357,27 +350,33 @@ def train(config: TrainConfig) -> dict:
     if rank0:
         (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     set_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     records = load_records(config)
-    train_records, eval_records = split_records(records, config.eval_split, config.seed)
-    print(f"data: {len(train_records)} training and {len(eval_records)} eval conversations from {config.dataset}",
-          flush=True)
     processor = load_processor(config.base_model)
+    prepared = data.prepare(records, processor, image_root=config.image_root or None, max_length=config.max_length,
+                            cache_dir=config.cache_dir or None)
+    print(f"data: {len(records)} conversations {prepared.source} in {prepared.seconds:.2f} s"
+          + (f" ({prepared.path})" if prepared.path else ""), flush=True)
+    train_items, eval_items = split_records(prepared.items, config.eval_split, config.seed)
+    print(f"data: {len(train_items)} training and {len(eval_items)} eval conversations from {config.dataset}; "
+          f"torch threads {torch.get_num_threads()}, data workers {dataloader_workers(config)}", flush=True)
     model = load_model(config)
     if hasattr(model, "print_trainable_parameters") and rank0:
         model.print_trainable_parameters()
     print(f"model: {config.base_model} attention={'hsa' if config.hsa else 'sdpa'} "
           f"finetuning={config.finetuning} quantization={config.quantization}", flush=True)
 
-    args = training_arguments(config, has_eval=bool(eval_records))
+    args = training_arguments(config, has_eval=bool(eval_items), n_train=len(train_items))
     world = int(os.environ.get("WORLD_SIZE", 1))
     gated = has_gates(model)
     extra = dict(train_config=config, stats_path=out / GATE_STATS) if gated else {}
     trainer = (GateTrainer if gated else Trainer)(
         model=model, args=args, **extra,
-        train_dataset=Records(train_records), eval_dataset=Records(eval_records) if eval_records else None,
-        data_collator=Collator(processor, image_root=config.image_root or None, max_length=config.max_length,
-                               hsa=config.hsa),
+        train_dataset=data.AlignedRecords(train_items),
+        eval_dataset=data.AlignedRecords(eval_items) if eval_items else None,
+        data_collator=data.PadCollator(processor, image_root=config.image_root or None, hsa=config.hsa),
         callbacks=[MetricsCallback(out / METRICS_FILE, config.batch_size * config.grad_accum * world),
                    (cancel := SaveOnCancel().install())],
     )
@@ -387,7 +386,7 @@ def train(config: TrainConfig) -> dict:
         print(f"cancelled at step {trainer.state.global_step}; Resume continues from "
               f"{last_complete_checkpoint(out) or 'the beginning'}", flush=True)
         raise SystemExit(143)
-    if eval_records:
+    if eval_items:
         trainer.evaluate()
 
     lora = config.stage == "sft" and config.finetuning == "lora"
