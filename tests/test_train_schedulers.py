@@ -116,3 +116,12 @@ def test_a_second_run_reads_the_aligned_records_from_the_cache(tiny_data, tmp_pa
     assert "4 conversations aligned in" in logs[0] and "4 conversations cache in" in logs[1]
     assert "torch threads 1, data workers 1" in logs[0] and "torch threads 2, data workers 1" in logs[1]
     assert len(list(cache.glob("*.pt"))) == 1
+
+
+def test_the_run_manager_gives_a_training_run_its_share_of_the_threads(manager, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_RUN_THREADS", "6")
+    # the runs are refused at once by the config check (exit 2): only the stored config matters here
+    one, two = manager.submit({"dataset": "missing.json"}), manager.submit({"dataset": "missing.json"}, nproc=2)
+    mine = manager.submit({"dataset": "missing.json", "threads": 1})
+    stored = lambda run: json.loads((run.output_dir / "run_config.json").read_text())["threads"]  # noqa: E731
+    assert (stored(one), stored(two), stored(mine)) == (6, 3, 1)

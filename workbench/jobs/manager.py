@@ -229,6 +229,10 @@ class RunManager:
         if launcher not in ENTRY_POINTS:
             raise ValueError(f"launcher must be one of {list(ENTRY_POINTS)}, got {launcher!r}")
         launcher = launcher if command is None else "command"
+        if launcher == "train" and not config.get("threads"):
+            # the run's share of the cores (processes.thread_split), divided among its processes, so chat
+            # keeps cores of its own while it trains
+            config["threads"] = max(1, processes.thread_split()[1] // max(1, int(nproc)))
         now = time.time()
         with self._write() as db:
             cur = db.execute(
