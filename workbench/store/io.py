@@ -23,6 +23,7 @@ from pathlib import Path
 
 from models.hsa import parse_role, sharegpt_name
 from workbench.align import AlignError, Conversation, align_record, normalize_record
+from workbench.pairs import PAIR_KEYS, is_pair, split_pair
 
 from . import labels as L
 from .db import Batch, Store, StoreError, content_key
@@ -194,6 +195,11 @@ def prepare_record(record, *, name: str = "record", base_dir=".", confine_to=Non
     except Exception as e:  # noqa: BLE001 - whatever the validator trips on, it is this record's fault
         raise RecordError(f"{name}: invalid record ({type(e).__name__}: {e})") from None
     conversation.name = name
+    if is_pair(record):  # a preference pair: its chosen and rejected answers are kept as extra fields
+        try:
+            split_pair(record)
+        except AlignError as e:
+            raise RecordError(_rename(str(e), name)) from None
     for t, turn in enumerate(conversation.turns):
         try:
             turn.text.encode("utf-8")
@@ -549,6 +555,13 @@ def conversation_record(conv, image_paths: list[str], *, style: str = "sharegpt"
             item["spans"] = [{"start": s.start, "end": s.end, "role": sharegpt_name(s.role)} for s in turn.spans]
         turns.append(item)
     record = {**conv.extra, ("messages" if style == "openai" else "conversations"): turns}
+    if style == "openai":  # a preference pair's answers in the same style as its turns
+        for key in PAIR_KEYS:
+            answer = record.get(key)
+            if isinstance(answer, dict) and "value" in answer:
+                answer = {"role": "assistant", "content": answer["value"],
+                          **{k: v for k, v in answer.items() if k not in ("from", "value")}}
+                record[key] = answer
     if image_paths:
         record["images"] = image_paths
     record["labelled"] = bool(conv.labelled)  # every turn carries a role; this says whether a person set them
@@ -610,6 +623,7 @@ def export_dataset(store: Store, name: str, fmt: str, out_dir, *, model=None, pr
             progress(k + 1, len(ids))
     data_path = out_dir / f"{stem}.json"
     _write_json(data_path, records)
+    ranking = bool(records) and all(is_pair(r) for r in records)  # LLaMA-Factory's preference (ranking) data
     if style == "openai":
         entry = {"file_name": data_path.name, "formatting": "sharegpt",
                  "columns": {"messages": "messages", "images": "images"},
@@ -620,6 +634,9 @@ def export_dataset(store: Store, name: str, fmt: str, out_dir, *, model=None, pr
                  "columns": {"messages": "conversations", "images": "images"},
                  "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                           "assistant_tag": "gpt", "system_tag": "system"}}
+    if ranking:
+        entry["ranking"] = True
+        entry["columns"].update(chosen="chosen", rejected="rejected")
     return ExportReport([data_path, _add_dataset_info(out_dir, name, entry)], len(records))
 
 
