@@ -185,3 +185,18 @@ def test_an_unwritable_cache_folder_costs_the_reuse_not_the_run(processor, shape
 def test_default_workers():
     assert data.default_workers(cuda=False, cores=16) == 0
     assert data.default_workers(cuda=True, cores=2) == 1
+
+
+def test_the_llamafactory_export_notes_what_differs_there(tmp_path):
+    from workbench.store.db import Store
+    from workbench.store.io import LLAMAFACTORY_NOTES, export_dataset, import_records
+
+    with Store(tmp_path / "db.sqlite") as store:
+        import_records(store, "d", [("record 0", {"conversations": [{"from": "human", "value": "Hi"},
+                                                                    {"from": "gpt", "value": "Hello."}]})])
+        files = export_dataset(store, "d", "llamafactory", tmp_path / "lf").files
+        export_dataset(store, "d", "sharegpt", tmp_path / "sharegpt")
+    notes = (tmp_path / "lf" / LLAMAFACTORY_NOTES).read_text()
+    assert files[-1].name == LLAMAFACTORY_NOTES
+    assert "bfloat16" in notes and "after each `<|im_end|>`" in notes
+    assert not (tmp_path / "sharegpt" / LLAMAFACTORY_NOTES).exists()

@@ -637,7 +637,32 @@ def export_dataset(store: Store, name: str, fmt: str, out_dir, *, model=None, pr
     if ranking:
         entry["ranking"] = True
         entry["columns"].update(chosen="chosen", rejected="rejected")
-    return ExportReport([data_path, _add_dataset_info(out_dir, name, entry)], len(records))
+    files = [data_path, _add_dataset_info(out_dir, name, entry)]
+    if style == "openai":
+        notes = out_dir / LLAMAFACTORY_NOTES
+        notes.write_text(LLAMAFACTORY_DIFFERENCES, encoding="utf-8")
+        files.append(notes)
+    return ExportReport(files, len(records))
+
+
+LLAMAFACTORY_NOTES = "LLAMAFACTORY_NOTES.md"
+LLAMAFACTORY_DIFFERENCES = """\
+# Training this export with LLaMA-Factory: what differs from the HSA Workbench
+
+Measured on the workbench's default VLM with the same records, batch order and LoRA (issue 24):
+
+- **Precision.** LLaMA-Factory loads and trains a model in the dtype its `config.json` names unless
+  told otherwise. The committed default model's config says `bfloat16`, so LLaMA-Factory trains it in
+  bf16, on CPU too; `python -m workbench.train` trains in float32 on CPU (`dtype: auto`). For a like-for-like
+  run, set the dtype in a copy of the model's `config.json` to `float32`, or train both in bf16
+  (`dtype: bfloat16` in the workbench config).
+- **Labelled tokens.** LLaMA-Factory's ChatML templates (qwen, qwen2_vl) also train on the newline
+  after each `<|im_end|>`; the workbench labels an answer's text and its `<|im_end|>` only. On the
+  default model that is 13% more labelled tokens, and a training loss of 1.69 where the workbench
+  reports 0.18 on the same data: compare losses across the two with that in mind.
+- **HSA.** LLaMA-Factory does not read `semantic_type` or `spans`: it trains with plain causal attention.
+  The roles travel in the records so that the export loads back into the workbench unchanged.
+"""
 
 
 def load_tokenizer(model):
