@@ -167,3 +167,14 @@ def test_the_config_keys_of_preference_training(pairs_json):
                        ({"method": "dpo", "finetuning": "full", "reference": "base"}, "use reference 'copy'")]:
         with pytest.raises(ConfigError, match=words):
             parse_config({**base, **bad})
+
+
+def test_the_train_tab_draws_a_preference_runs_rewards():
+    from workbench.ui.train import curves, curves_figure
+
+    records = [{"step": s, "loss": 0.7 - s / 10, "learning_rate": 1e-3, "rewards/chosen": 0.0, "rewards/rejected": -s,
+                "rewards/margins": float(s), "rewards/accuracies": 1.0} for s in (1, 2, 3)]
+    assert curves(records)["rewards"]["rewards/margins"] == ([1, 2, 3], [1.0, 2.0, 3.0])
+    names = {trace.name for trace in curves_figure(records).data}
+    assert {"reward chosen", "reward rejected", "margin", "accuracy"} <= names
+    assert not curves([{"step": 1, "loss": 1.0}])["rewards"] and len(curves_figure([{"step": 1, "loss": 1.0}]).data) == 2

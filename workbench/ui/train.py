@@ -252,10 +252,17 @@ def start_run(ctx: AppContext, values: dict, name: str = "") -> tuple[int | None
 
 # ---- runs -----------------------------------------------------------------------------------------
 
+# a DPO / NCA run's rewards (workbench.train.preference): metrics key -> the curve's name
+REWARD_CURVES = {"rewards/chosen": "reward chosen", "rewards/rejected": "reward rejected",
+                 "rewards/margins": "margin", "rewards/accuracies": "accuracy"}
+
+
 def curves(records: list[dict]) -> dict[str, list]:
-    """Train loss, eval loss and learning rate by step; the last record of a step wins (a resumed
-    run logs again the steps after its checkpoint)."""
+    """Train loss, eval loss and learning rate by step, and a preference run's rewards (under
+    "rewards": key -> (steps, values)); the last record of a step wins (a resumed run logs again the
+    steps after its checkpoint)."""
     train, evals, lr = {}, {}, {}
+    rewards: dict[str, dict] = {key: {} for key in REWARD_CURVES}
     for r in records:
         step = r.get("step")
         if step is None:
@@ -266,13 +273,17 @@ def curves(records: list[dict]) -> dict[str, list]:
             lr[step] = r["learning_rate"]
         if "eval_loss" in r:
             evals[step] = r["eval_loss"]
+        for key in REWARD_CURVES:
+            if key in r:
+                rewards[key][step] = r[key]
 
     def xy(d):
         steps = sorted(d)
         return steps, [d[s] for s in steps]
 
     (ts, tl), (es, el), (ls, lv) = xy(train), xy(evals), xy(lr)
-    return {"step": ts, "loss": tl, "eval_step": es, "eval_loss": el, "lr_step": ls, "learning_rate": lv}
+    return {"step": ts, "loss": tl, "eval_step": es, "eval_loss": el, "lr_step": ls, "learning_rate": lv,
+            "rewards": {key: xy(d) for key, d in rewards.items() if d}}
 
 
 def curves_figure(records: list[dict], title: str = ""):
@@ -280,13 +291,18 @@ def curves_figure(records: list[dict], title: str = ""):
     from plotly.subplots import make_subplots
 
     c = curves(records)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "learning rate"))
+    preference = bool(c["rewards"])
+    fig = make_subplots(rows=1, cols=3 if preference else 2,
+                        subplot_titles=("loss", "learning rate") + (("rewards (beta x log-ratio)",) if preference else ()))
     fig.add_trace(go.Scatter(x=c["step"], y=c["loss"], mode="lines+markers", name="train loss"), row=1, col=1)
     if c["eval_step"]:
         fig.add_trace(go.Scatter(x=c["eval_step"], y=c["eval_loss"], mode="lines+markers", name="eval loss"),
                       row=1, col=1)
     fig.add_trace(go.Scatter(x=c["lr_step"], y=c["learning_rate"], mode="lines", name="learning rate"),
                   row=1, col=2)
+    for key, (steps, values) in c["rewards"].items():
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=REWARD_CURVES[key],
+                                 line=dict(dash="dot") if key == "rewards/accuracies" else None), row=1, col=3)
     fig.update_xaxes(title_text="step")
     fig.update_layout(height=320, margin=dict(l=40, r=20, t=50, b=40), title=title or None,
                       legend=dict(orientation="h", y=-0.25), uirevision="keep")
