@@ -1,17 +1,23 @@
-"""Training throughput and peak memory on the default VLM: HSA on vs off, LoRA vs QLoRA (4-bit).
+"""Training throughput on the default VLM: seconds per step split into data and compute, HSA on and
+off, records aligned in the collator at every step (the path before issue 24) and aligned once
+through the cache (`workbench.train.data`) cold and warm; optionally QLoRA (4-bit) beside LoRA.
 
-    python bench/train.py [--steps 12] [--batch-size 4] [--model PATH]
+    python bench/train.py [--steps 30] [--batch-size 4] [--threads 2] [--workers 0] [--kinds lora,qlora]
 
-LoRA and QLoRA each train in their own process (peak memory is then the process's own: max RSS on
-CPU; on a GPU torch.cuda.max_memory_allocated per step). Within a process HSA on and off alternate
-step by step on the same model and pre-collated batches of the shapes task, and the median step
-time is kept, so the HSA ratio compares like with like on a busy machine. The training step is the one workbench.train runs: forward with semantic_ids (HSA)
-or without (SDPA), backward, AdamW on the trainable (LoRA) parameters.
+Each kind trains in its own process. Within it, one model takes every step: for each step, a batch is
+drawn from each data path (a DataLoader over the records, as the Trainer draws them; the time to get it
+is "data"), and the training step (forward with semantic_ids for HSA or without them, which is SDPA;
+backward; AdamW on the LoRA parameters: "compute") runs with HSA on and off in ABBA order, so drift in
+the machine's load hits every variant alike. Medians over the steps after two warm-up steps.
+"Prepare" is the one-time cost before step 1: aligning every record and writing the cache (cold), or
+reading it back (warm: a later epoch's, resume's or run's). "s/step in a run" spreads it over the run's
+steps: (prepare + steps x (data + compute)) / steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QUANTIZATIONS = {"lora": "none", "qlora": "4bit"}
+PATHS = ("uncached", "cold", "warm")
 
 
 def model_path(requested: str | None, scratch: Path) -> tuple[Path, str]:
@@ -41,115 +48,158 @@ def model_path(requested: str | None, scratch: Path) -> tuple[Path, str]:
     return scratch / "model", "default VLM architecture, untrained (models/zoo/default_vlm not built yet)"
 
 
-def measure(kind: str, model: str, data: str, steps: int, batch_size: int, warmup: int = 2) -> dict:
-    """One quantization kind in this process; HSA on and off alternate step by step on the same
-    model and batches (attn_implementation "hsa" without semantic_ids is exactly SDPA), so drift in
-    the machine's load hits both alike."""
+def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threads: int, workers: int,
+            cache_dir: str, warmup: int = 2) -> dict:
     import resource
 
     import torch
 
-    from workbench.train import parse_config
     from models.vlm.processor import load_processor
-    from workbench.train.run import Collator, load_model
+    from workbench.train import data as train_data
+    from workbench.train import parse_config
+    from workbench.train.run import load_model
 
+    torch.set_num_threads(threads)
     config = parse_config({"dataset": data, "base_model": model, "batch_size": batch_size, "max_steps": steps,
                            "quantization": QUANTIZATIONS[kind], "hsa": True})
     records = json.loads(Path(data).read_text())
+    image_root = str(Path(data).parent)
     processor = load_processor(model)
-    collate = Collator(processor, image_root=str(Path(data).parent), max_length=config.max_length, hsa=True)
-    batches = [collate(records[i:i + batch_size]) for i in range(0, len(records) - batch_size + 1, batch_size)]
+
+    prepared = {}
+    for path in ("cold", "warm"):  # the cache folder is new: the first prepare aligns, the second reads
+        prepared[path] = train_data.prepare(records, processor, image_root=image_root, max_length=config.max_length,
+                                            cache_dir=cache_dir)
+    assert (prepared["cold"].source, prepared["warm"].source) == ("aligned", "cache"), \
+        (prepared["cold"].source, prepared["warm"].source)
+
+    def loader(dataset, collate):
+        # the Trainer's loader: shuffled with a fixed seed (same order for every path), workers as configured
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                           num_workers=workers, persistent_workers=workers > 0, drop_last=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    sources = {
+        "uncached": loader(records, train_data.uncached_collator(processor, image_root=image_root,
+                                                                 max_length=config.max_length)),
+        "cold": loader(train_data.AlignedRecords(prepared["cold"].items),
+                       train_data.PadCollator(processor, image_root=image_root)),
+        "warm": loader(train_data.AlignedRecords(prepared["warm"].items),
+                       train_data.PadCollator(processor, image_root=image_root)),
+    }
+    iterators = {path: iter(source) for path, source in sources.items()}
+
+    def next_batch(path):
+        try:
+            return next(iterators[path])
+        except StopIteration:  # a new epoch
+            iterators[path] = iter(sources[path])
+            return next(iterators[path])
+
     net = load_model(config)
     net.train()
     device = next(p for p in net.parameters() if p.requires_grad).device
-    cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
-    def step(batch, hsa: bool) -> tuple[float, int, float]:
+    def step(batch, hsa: bool) -> float:
         batch = {k: v.to(device) for k, v in batch.items() if hsa or k != "semantic_ids"}
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         net(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-        return time.perf_counter() - start, int(batch["attention_mask"].sum()), peak
+        return time.perf_counter() - start
 
-    for i in range(warmup):
-        step(batches[i % len(batches)], hsa=i % 2 == 0)
-    times = {True: [], False: []}
-    tokens = {True: [], False: []}
-    peaks = {True: [], False: []}
-    for i in range(steps):
-        batch = batches[i % len(batches)]
+    data_times = {path: [] for path in PATHS}
+    compute = {True: [], False: []}
+    for i in range(warmup + steps):
+        batches = {}
+        for path in PATHS:
+            start = time.perf_counter()
+            batches[path] = next_batch(path)
+            if i >= warmup:
+                data_times[path].append(time.perf_counter() - start)
+        if i == 0:  # every path gives the same batches
+            for path in ("cold", "warm"):
+                assert all(torch.equal(batches[path][k], batches["uncached"][k]) for k in batches["uncached"])
         for hsa in ((True, False) if i % 2 == 0 else (False, True)):  # ABBA: neither always goes first
-            t, n, peak = step(batch, hsa)
-            times[hsa].append(t)
-            tokens[hsa].append(n)
-            peaks[hsa].append(peak)
-    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    result = {"kind": kind, "device": device.type, "process_peak_rss_mb": process_peak}
-    for hsa in (True, False):
-        t = statistics.median(times[hsa])
-        name = "hsa" if hsa else "sdpa"
-        result[name] = {"samples_per_s": batch_size / t, "tokens_per_s": statistics.median(tokens[hsa]) / t,
-                        "peak_mb": max(peaks[hsa]) if cuda else process_peak}
-    return result
+            t = step(batches["warm"], hsa)
+            if i >= warmup:
+                compute[hsa].append(t)
+    median = statistics.median
+    return {"kind": kind, "device": device.type, "threads": torch.get_num_threads(), "workers": workers,
+            "records": len(records), "steps": steps,
+            "prepare_s": {"uncached": 0.0, "cold": prepared["cold"].seconds, "warm": prepared["warm"].seconds},
+            "data_s": {path: median(data_times[path]) for path in PATHS},
+            "compute_s": {"hsa": median(compute[True]), "sdpa": median(compute[False])},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def report(r: dict) -> None:
+    steps = r["steps"]
+    print(f"{r['kind']}: {r['records']} records, batch {args_batch}, {r['threads']} threads, {r['workers']} data "
+          f"workers, {steps} steps measured, device {r['device']}, peak RSS {r['peak_rss_mb']:.0f} MB")
+    print(f"{'data path':<10} {'attention':<9} {'prepare s':>10} {'data s/step':>12} {'compute s/step':>15} "
+          f"{'s/step':>8} {'s/step in a run':>16}")
+    for path in PATHS:
+        for name in ("hsa", "sdpa"):
+            data, comp, prep = r["data_s"][path], r["compute_s"][name], r["prepare_s"][path]
+            print(f"{path:<10} {name:<9} {prep:>10.3f} {data:>12.4f} {comp:>15.4f} {data + comp:>8.4f} "
+                  f"{(prep + steps * (data + comp)) / steps:>16.4f}")
+    warm = {name: r["data_s"]["warm"] + r["compute_s"][name] for name in ("hsa", "sdpa")}
+    before = {name: r["data_s"]["uncached"] + r["compute_s"][name] for name in ("hsa", "sdpa")}
+    print(f"HSA on / off, s/step: {warm['hsa'] / warm['sdpa']:.3f} (cached data), "
+          f"{before['hsa'] / before['sdpa']:.3f} (aligned in the collator); "
+          f"HSA on, uncached / cached s/step: {before['hsa'] / warm['hsa']:.3f}\n")
+
+
+args_batch = 0
 
 
 def main() -> None:
+    global args_batch
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--records", type=int, default=120, help="conversations in the dataset (default 120)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (the CPU default is 0)")
+    parser.add_argument("--kinds", default="lora", help="lora, qlora or lora,qlora")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one variant in this process
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one kind in this process
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args_batch = args.batch_size
 
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args.model, args.data, args.steps, args.batch_size)))
+        result = measure(args.one, args.model, args.data, args.steps, args.batch_size, args.threads, args.workers,
+                         args.cache)
+        print("RESULT " + json.dumps(result))
         return
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model, origin = model_path(args.model, scratch)
     from models.zoo import shapes
 
-    data = shapes.export_sharegpt(shapes.generate(args.batch_size * 4, seed=0, noise=shapes.TRAIN_NOISE),
+    data = shapes.export_sharegpt(shapes.generate(args.records, seed=0, noise=shapes.TRAIN_NOISE),
                                   scratch / "data", name="shapes")
-    print(f"model: {model} ({origin})\nsteps per measurement: {args.steps} each for HSA on and off, "
-          f"batch size {args.batch_size}\n")
-    results = {}
-    for kind in QUANTIZATIONS:
+    load = os.getloadavg()
+    print(f"model: {model} ({origin})\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"on {os.cpu_count()} cores\n")
+    for kind in args.kinds.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", kind, "--model", str(model), "--data", str(data),
-                              "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
-                             capture_output=True, text=True, cwd=ROOT)
+                              "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                              "--threads", str(args.threads), "--workers", str(args.workers),
+                              "--cache", str(scratch / f"cache-{kind}")],
+                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
-        results[kind] = json.loads(line[len("RESULT "):])
-
-    device = results["lora"]["device"]
-    memory = "peak MB (CUDA allocated)" if device == "cuda" else "peak MB (process RSS)"
-    print(f"device: {device}")
-    print(f"{'variant':<12} {'samples/s':>10} {'tokens/s':>10} {memory:>26}")
-    for kind, r in results.items():
-        for name in ("hsa", "sdpa"):
-            m = r[name]
-            print(f"{kind + '+' + name:<12} {m['samples_per_s']:>10.2f} {m['tokens_per_s']:>10.1f} {m['peak_mb']:>26.0f}")
-    print()
-    for kind, r in results.items():
-        ratio = r["hsa"]["tokens_per_s"] / r["sdpa"]["tokens_per_s"]
-        line = f"{kind}: HSA / SDPA throughput = {ratio:.3f} (HSA costs {100 * (1 - ratio):+.1f}%; target <= 10%)"
-        if device == "cuda":
-            line += f", peak memory ratio {r['hsa']['peak_mb'] / r['sdpa']['peak_mb']:.3f}"
-        print(line)
-    q, l = results["qlora"]["hsa"], results["lora"]["hsa"]
-    print(f"QLoRA / LoRA (HSA on): throughput {q['tokens_per_s'] / l['tokens_per_s']:.3f}, "
-          f"peak memory {q['peak_mb'] / l['peak_mb']:.3f}")
+        report(json.loads(line[len("RESULT "):]))
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":
