@@ -147,6 +147,7 @@ def test_images_expand_and_take_their_turns_role(qwen2vl_processor, tmp_path):
     (lambda r: r["conversations"][1].update({"from": ["human"]}), "unknown speaker ['human']"),
     (lambda r: r.update(images=["x.png"]), "0 <image> placeholder"),
     (lambda r: r.update(conversations=[]), "non-empty list"),
+    (lambda r: r.update(messages=[{"role": "user", "content": "Hi"}]), "both 'conversations' and 'messages'"),
 ])
 def test_errors_name_the_record_and_the_problem(bpe_tokenizer, mutate, message):
     rec = record()

@@ -87,6 +87,7 @@ def test_an_eval_split_that_leaves_no_training_data_is_refused(tmp_path):
     ("config.json", {"learning_rate": 1e-4}, "record 0"),
     ("strings.json", ["a", "b"], "record 0: expected an object"),
     ("broken.json", "[{", "malformed JSON"),
+    ("empty.json", [], "holds no records"),
     ("both.json", [{**records(1)[0], "messages": []}], "has both 'conversations' and 'messages'"),
     ("missing_image.json", [{"conversations": [{"from": "human", "value": "<image>Hi"}], "images": ["gone.png"]}],
      "image gone.png not found"),

@@ -64,6 +64,8 @@ def normalize_record(record, *, index=None) -> Conversation:
     if not isinstance(record, dict):
         raise AlignError(f"{where}: expected an object with 'conversations', got {type(record).__name__}")
     record = _caption_as_conversation(record, where)
+    if "conversations" in record and "messages" in record:  # one list would be dropped without a word
+        raise AlignError(f"{where}: has both 'conversations' and 'messages'; give one")
     turns_in = record.get("conversations", record.get("messages"))
     if not isinstance(turns_in, list) or not turns_in:
         raise AlignError(f"{where}: 'conversations' must be a non-empty list of turns")

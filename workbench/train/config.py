@@ -544,6 +544,9 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
     except (OSError, ValueError) as e:
         problems.append(f"{where} cannot be read: {e}")
         return
+    if not records:
+        problems.append(f"{where} holds no records: nothing to train on")
+        return
     image_root = Path(c.image_root or Path(c.dataset).parent)
     bad = []
     for index, record in enumerate(records):
