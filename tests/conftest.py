@@ -3,6 +3,7 @@ and a real workbench server with a real headless Chromium for browser tests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -326,5 +327,7 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
-# the smallest dataset training accepts (an empty one is refused)
-ONE_RECORD = '[{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]'
+# a dataset small enough for tests that never train on it, large enough for the checks: an empty one is
+# refused, and the default eval split holds out one record and leaves one
+TINY_DATASET = json.dumps([{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "Hello."}]}
+                           for q in ("Hi", "Hello")])

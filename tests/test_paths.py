@@ -8,7 +8,7 @@ import pytest
 
 from models.zoo import EMBEDDED
 from workbench.paths import PathRefused, PathRule, is_hub_id, reachable_by_others
-from conftest import ONE_RECORD
+from conftest import TINY_DATASET
 
 
 @pytest.fixture
@@ -16,9 +16,9 @@ def disk(tmp_path):
     workspace, outside, allowed = tmp_path / "ws", tmp_path / "outside", tmp_path / "shared-data"
     for folder in (workspace, outside, allowed):
         folder.mkdir()
-    (workspace / "data.json").write_text(ONE_RECORD)
-    (outside / "secret.json").write_text(ONE_RECORD)
-    (allowed / "big.json").write_text(ONE_RECORD)
+    (workspace / "data.json").write_text(TINY_DATASET)
+    (outside / "secret.json").write_text(TINY_DATASET)
+    (allowed / "big.json").write_text(TINY_DATASET)
     os.symlink(outside, workspace / "link-out")  # a link inside the workspace to a folder outside
     return workspace, outside, allowed
 

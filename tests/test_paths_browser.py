@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, running_server, screenshot, ONE_RECORD
+from conftest import ROOT, free_port, running_server, screenshot, TINY_DATASET
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -19,7 +19,7 @@ USER, PASSWORD = "ada", "lovelace"
 def server(tmp_path_factory):
     workspace, shared, outside = (tmp_path_factory.mktemp(name) for name in ("ws", "shared", "outside"))
     for folder in (shared, outside):
-        (folder / "data.json").write_text(ONE_RECORD)
+        (folder / "data.json").write_text(TINY_DATASET)
     port = free_port()
     command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace", str(workspace),
                "--auth", f"{USER}:{PASSWORD}", "--allow-path", str(shared)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from workbench.train import DEFAULT_MODEL, ConfigError, parse_config
-from conftest import ONE_RECORD
+from conftest import TINY_DATASET
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_the_entry_point_refuses_a_bad_config_before_loading_anything(tmp_path):
 
 def test_check_prints_the_resolved_config(tmp_path):
     config = tmp_path / "ok.json"
-    (tmp_path / "data.json").write_text(ONE_RECORD)
+    (tmp_path / "data.json").write_text(TINY_DATASET)
     config.write_text(json.dumps({"dataset": "data.json", "output_dir": "runs/x", "max_steps": 3, "hsa": True}))
     result = subprocess.run([sys.executable, "-m", "workbench.train", str(config), "--check"], cwd=tmp_path,
                             capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
@@ -96,7 +96,7 @@ def test_check_refuses_what_cannot_run_and_paths_are_the_files(tmp_path):
     paths in a config file are relative to the file's folder, not to where the command runs."""
     folder = tmp_path / "configs"
     folder.mkdir()
-    (folder / "data.json").write_text(ONE_RECORD)
+    (folder / "data.json").write_text(TINY_DATASET)
     ok = folder / "ok.json"
     ok.write_text(json.dumps({"dataset": "data.json", "max_steps": 1}))
     result = check(ok, cwd=tmp_path)
@@ -127,7 +127,7 @@ def test_a_run_never_writes_into_a_folder_that_holds_something(tmp_path):
     --check and by the run itself, unless resume continues the run that is there."""
     folder = tmp_path / "configs"
     folder.mkdir()
-    (folder / "data.json").write_text(ONE_RECORD)
+    (folder / "data.json").write_text(TINY_DATASET)
     other = tmp_path / "runs" / "run-0003"
     (other / "adapter").mkdir(parents=True)
     (other / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')

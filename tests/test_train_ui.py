@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import end_runs, ONE_RECORD
+from conftest import end_runs, TINY_DATASET
 from workbench.jobs import SUCCEEDED
 from workbench.train.config import DEFAULT_LORA_TARGETS
 from workbench.ui import train as tab
@@ -17,7 +17,7 @@ from workbench.ui.context import AppContext
 @pytest.fixture
 def ctx(tmp_path):
     context = AppContext.create(tmp_path / "ws")
-    (context.workspace / "shapes.json").write_text(ONE_RECORD)  # the form's dataset (runs here never read it)
+    (context.workspace / "shapes.json").write_text(TINY_DATASET)  # the form's dataset (runs here never read it)
     yield context
     end_runs(tab.manager_of(context))  # its process group and its marker: nothing of a run outlives the test
     tab.manager_for.cache_clear()
@@ -240,11 +240,11 @@ def test_a_server_reachable_by_others_trains_only_on_files_in_the_workspace_or_a
     outside, shared = tmp_path / "outside", tmp_path / "shared"
     for folder in (outside, shared):
         folder.mkdir()
-        (folder / "data.json").write_text(ONE_RECORD)
+        (folder / "data.json").write_text(TINY_DATASET)
     with Store(outside / "other.db"):
         pass
     exposed = AppContext.create(tmp_path / "ws", allowed_paths=[shared], confined=True)
-    (exposed.workspace / "shapes.json").write_text(ONE_RECORD)
+    (exposed.workspace / "shapes.json").write_text(TINY_DATASET)
     try:
         attacks = [form(dataset=str(outside / "data.json")), form(dataset="../outside/data.json"),
                    form(dataset="/etc/passwd"), form(base_model=str(outside)), form(base_model="../outside"),
