@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.zoo import shapes  # noqa: E402
-from workbench import align  # noqa: E402
+from models.data import align  # noqa: E402
 from workbench.ui import annotate  # noqa: E402
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     from models.zoo import shapes
     from models.zoo.build import LENGTH_GROUPS, ModelSize, clean_stage, new_model, noisy_stage, training_batches
     from models.zoo.processor import build_processor
-    from workbench.align import HSACollator
+    from models.data.align import HSACollator
 
     processor = build_processor()
     collate = HSACollator(processor)

@@ -52,7 +52,7 @@ def main() -> None:
 
     from models.zoo import shapes
     from models.zoo.build import ShapeLookup, attention_inputs
-    from workbench.align import HSACollator
+    from models.data.align import HSACollator
 
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()

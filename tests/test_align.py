@@ -4,7 +4,7 @@ import torch
 
 from conftest import shapes_png
 from models.hsa import GLOBAL, LANDMARK, NOISE
-from workbench.align import AlignError, HSACollator, align_record, normalize_record, parse_marked_text
+from models.data.align import AlignError, HSACollator, align_record, normalize_record, parse_marked_text
 
 TEXT = "Is the zebra 红色 🙂 or café\nblue? I think the giraffe is green."
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import workbench.align as align
+import models.data.align as align
 from models.vlm.processor import load_processor
 from workbench.train import DEFAULT_MODEL
 from workbench.train import data

@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 from conftest import (CHATML_TEMPLATE, ROOT, build_bpe_tokenizer, build_qwen2vl_processor, build_wordpiece_tokenizer,
                       shapes_png)
 from models.hsa import parse_role
-from workbench import align as A
-from workbench.align import AlignError, Conversation, align_record, normalize_record
+from models.data import align as A
+from models.data.align import AlignError, Conversation, align_record, normalize_record
 
 IMAGE_DIR = Path(tempfile.mkdtemp(prefix="align-one-pass-"))
 shapes_png(IMAGE_DIR / "a.png")
 shapes_png(IMAGE_DIR / "b.png", color=(0, 0, 255), size=112)
 
 
-# --- the quadratic alignment as it was (workbench/align.py before the one-pass change) ------------
+# --- the quadratic alignment as it was (models/data/align.py before the one-pass change) ------------
 
 def quadratic_char_sources(conv, processor, multimodal, add_generation_prompt):
     messages = A._messages(conv, multimodal)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import shapes_png
 from models.hsa import GLOBAL, LANDMARK, NOISE
-from workbench.align import Span, align_record
+from models.data.align import Span, align_record
 from workbench.store import Store, import_records
 from workbench.store.suggest import model_suggestions, rule_suggestions
 from workbench.ui.annotate import (WORDS, Annotator, TokenView, code_point_to_utf16, page_of_turn, render_view,

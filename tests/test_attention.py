@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import (ROOT, build_qwen2vl_processor, build_wordpiece_tokenizer, save_tiny_qwen2vl, shapes_png,
                       tiny_qwen2vl)
 from models.hsa import NOISE
-from workbench.align import align_record, pad_batch, pad_token_id
+from models.data.align import align_record, pad_batch, pad_token_id
 from workbench.attention import (AttentionUnsupported, attention_figure, compute_attention, image_attention,
                                  image_overlay, mass_figure)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import shapes_png
 from models.hsa import GLOBAL, LANDMARK, NOISE
-from workbench.align import normalize_record
+from models.data.align import normalize_record
 from workbench.chat import (ChatInputError, ChatTurn, ModelPool, display_messages, finished_runs, history_from_api,
                             shared_pool, to_record, turns_table, user_turn, vlm_key)
 

@@ -13,7 +13,7 @@ from conftest import save_language_part, save_tiny_composed, save_vision_part, s
 from models.composed import ComposeError, assemble
 from models.composed.__main__ import main as composed_main
 from models.hsa import NOISE, generate
-from workbench.align import HSACollator, align_record, pad_batch, pad_token_id
+from models.data.align import HSACollator, align_record, pad_batch, pad_token_id
 
 PARTS = [("clip", "qwen3"), ("siglip", "llama")]
 

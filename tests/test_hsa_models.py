@@ -8,7 +8,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 
 from conftest import shapes_png, tiny_qwen2vl
 from models.hsa import GLOBAL, LANDMARK, NOISE, generate
-from workbench.align import HSACollator
+from models.data.align import HSACollator
 
 SMALL = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)

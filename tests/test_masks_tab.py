@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import build_qwen2vl_processor, screenshot, shapes_png
-from workbench.align import AlignError
+from models.data.align import AlignError
 from workbench.mask_view import BLOCKED, build_mask_view, mask_figure, pair_summary, parse_conversation_text
 from workbench.ui import masks
 from workbench.ui.masks import EXAMPLE_MARKED, EXAMPLE_SHAREGPT, resolve_images

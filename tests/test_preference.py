@@ -16,7 +16,7 @@ import torch
 
 from models.hsa import NOISE
 from models.zoo import DEFAULT_VLM_DIR, shapes
-from workbench.align import AlignError
+from models.data.align import AlignError
 from workbench.pairs import PairCollator, split_pair
 from workbench.train.config import ConfigError, parse_config
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, shapes_png
 from models.hsa import GLOBAL, LANDMARK, NOISE
-from workbench.align import Span, align_record, normalize_record
+from models.data.align import Span, align_record, normalize_record
 from workbench.store import (FileError, StaleVersionError, Store, StoreError, export_dataset, import_file,
                              import_records, read_records)
 from workbench.store.__main__ import main as cli

@@ -20,7 +20,7 @@ from workbench.store.db import labels_from_json
 WRITER = textwrap.dedent("""
     import random, sys
     sys.path.insert(0, {root!r})
-    from workbench.align import Conversation, Turn
+    from models.data.align import Conversation, Turn
     from workbench.store import Store
 
     store = Store(sys.argv[1])

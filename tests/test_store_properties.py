@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import shapes_png
-from workbench.align import AlignError, normalize_record
+from models.data.align import AlignError, normalize_record
 from workbench.store import Store, import_file, import_records, read_records
 from workbench.store.labels import canonical
 

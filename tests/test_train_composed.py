@@ -113,7 +113,7 @@ def test_stage_keys_that_cannot_work_are_refused_by_name(tmp_path, composed, sha
 
 
 def test_caption_records_align_as_one_question_and_answer():
-    from workbench.align import CAPTION_PROMPT, AlignError, normalize_record
+    from models.data.align import CAPTION_PROMPT, AlignError, normalize_record
 
     conversation = normalize_record({"image": "a.png", "caption": "A red circle."})
     assert conversation.images == ["a.png"]

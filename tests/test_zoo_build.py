@@ -118,7 +118,7 @@ def test_shape_lookup_finds_every_word_about_a_shape(processor):
     import random
 
     from models.zoo.build import ShapeLookup
-    from workbench.align import HSACollator
+    from models.data.align import HSACollator
 
     tokenizer = processor.tokenizer
     scene = shapes.Scene((shapes.Shape("circle", "red", "bottom right"), shapes.Shape("square", "blue", "top left")), 0)
@@ -182,7 +182,7 @@ def test_training_batches_are_each_window_of_conversations_grouped_by_length(pro
     HSACollator makes of its records, with their slot classes; and the batches split the window by
     length (no batch has a conversation longer than one in a batch of longer conversations)."""
     from models.zoo.build import LENGTH_GROUPS, clean_stage, slot_targets, training_batches
-    from workbench.align import HSACollator
+    from models.data.align import HSACollator
 
     stage = clean_stage(batch_size=3, seed=7)
     drawn = training_batches(processor, stage)

@@ -72,7 +72,7 @@ def test_picture_words_name_each_cell_in_reading_order():
 
 def test_the_training_processor_is_the_assembled_models_layout():
     """The LM pretrains on what the assembled processor makes: four <image> tokens per picture."""
-    from workbench.align import align_record
+    from models.data.align import align_record
 
     processor = C.training_processor()
     sample = shapes.generate(1, seed=0)[0]

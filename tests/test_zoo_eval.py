@@ -9,7 +9,8 @@ import pytest
 
 from models.zoo import shapes
 from models.zoo.evaluate import Graded, graded_prompts, held_out, normalize
-from models.zoo.experiment import mean_interval, strip_noise, wilson
+from models.zoo import stats
+from models.zoo.experiment import CONDITIONS, conditions, ExperimentSettings, mean_interval, neutralize_noise, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,17 +41,34 @@ def test_exact_match_ignores_only_case_space_and_final_stop():
     assert normalize("A b.") == "a b"
 
 
-def test_strip_noise_keeps_the_questions_and_answers():
+def test_heavy_neutral_keeps_length_roles_and_questions_but_says_nothing():
+    words = set(shapes.COLORS) | set(shapes.KINDS) | {"one", "two", "three", "left", "right", "top", "bottom"}
     for sample in held_out(30, seed=4, noise=shapes.HEAVY_NOISE):
-        stripped = strip_noise(sample).record["conversations"]
-        assert all(t["semantic_type"] != "NOISE" and "spans" not in t for t in stripped)
-        assert stripped[0]["value"].startswith("<image>")
-        assert sum("<image>" in t["value"] for t in stripped) == 1
-        kept = [t["value"].replace("<image>", "") for t in stripped]
-        original = [t for t in sample.record["conversations"] if t["semantic_type"] != "NOISE"]
-        for text, turn in zip(kept, original):
-            assert turn["value"].replace("<image>", "").endswith(text)
-            assert "I am sure" not in text
+        before = sample.record["conversations"]
+        after = neutralize_noise(sample).record["conversations"]
+        assert len(after) == len(before) and after is not before
+        for old, new in zip(before, after):
+            assert len(new["value"]) == len(old["value"]) and new["semantic_type"] == old["semantic_type"]
+            assert new.get("spans") == old.get("spans")
+            noise = [(0, len(old["value"]))] if old["semantic_type"] == "NOISE" else \
+                [(s["start"], s["end"]) for s in old.get("spans", []) if s["role"] == "NOISE"]
+            kept = list(old["value"])
+            for start, end in noise:
+                assert not words & set(new["value"][start:end].lower().replace(",", " ").replace(".", " ").split())
+                kept[start:end] = new["value"][start:end]
+            assert "".join(kept) == new["value"]  # only the noise changed
+        assert sample.record["conversations"] == before  # the original is untouched
+
+
+def test_every_condition_measures_something():
+    # the old "heavy-removed" was "clean" by construction; no two conditions may be the same conversations
+    data = conditions(10, 1000, ExperimentSettings())
+    assert set(data) == set(CONDITIONS)
+    records = {name: [s.record["conversations"] for s in samples] for name, samples in data.items()}
+    for a in records:
+        for b in records:
+            assert a == b or records[a] != records[b], (a, b)
+    assert [s.qtypes for s in data["heavy-neutral"]] == [s.qtypes for s in data["heavy"]]
 
 
 def test_intervals():
@@ -59,6 +77,11 @@ def test_intervals():
     assert high - low == pytest.approx(2 * 4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
     low, high = wilson(95, 100)
     assert 0.88 < low < 0.95 < high < 0.98
+    # the experiment reports through the evaluation's one implementation
+    from workbench.evaluate import metrics
+
+    assert wilson is stats.wilson is metrics.wilson and mean_interval is stats.mean_interval
+    assert metrics.paired_bootstrap is stats.paired_bootstrap and metrics.mcnemar_p is stats.mcnemar_p
 
 
 @pytest.mark.slow

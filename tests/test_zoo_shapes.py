@@ -155,7 +155,7 @@ def test_followups_refer_back():
 
 
 def test_export_round_trip(tmp_path):
-    from workbench.align import normalize_record
+    from models.data.align import normalize_record
 
     samples = shapes.generate(5, seed=7, noise=shapes.HEAVY_NOISE)
     json_path = shapes.export_sharegpt(samples, tmp_path, "shapes_test")

@@ -24,7 +24,7 @@ import torch
 from models.hsa import IMPLEMENTATION, NOISE, ROLE_NAMES, AttentionProbe
 from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL
 from models.zoo import embedded_model
-from workbench.align import Aligned, align_record, normalize_record, pad_batch, pad_token_id
+from models.data.align import Aligned, align_record, normalize_record, pad_batch, pad_token_id
 from workbench.mask_view import ROLE_COLORS, token_label
 
 MODES = ("off", "on", "diff")
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from workbench.align import AlignError
+    from models.data.align import AlignError
     from workbench.mask_view import parse_conversation_text
 
     try:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models.hsa import GLOBAL, LANDMARK, ROLE_NAMES, parse_role
-from workbench.align import IMAGE_PLACEHOLDER
+from models.data.align import IMAGE_PLACEHOLDER
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096

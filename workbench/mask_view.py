@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import torch
 
 from models.hsa import GLOBAL, LANDMARK, NOISE, ROLE_NAMES, allowed_mask
-from workbench.align import AlignError, Aligned, align_record, parse_marked_text
+from models.data.align import AlignError, Aligned, align_record, parse_marked_text
 
 ROLE_COLORS = {GLOBAL: "#2f6fdf", LANDMARK: "#1a9e55", NOISE: "#b0b0b0"}
 # Cell categories of the heatmap: 0 future (causal), 1 blocked by HSA, 2.. allowed, by role pair.

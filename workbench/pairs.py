@@ -9,7 +9,7 @@ The record is LLaMA-Factory's ranking format (ShareGPT style; `messages` with ro
 
 The prompt ends with the user's turn; each answer is one assistant turn and may carry a
 `semantic_type` and spans like any turn. A pair is aligned as two conversations (the prompt followed
-by each answer) through `workbench.align`, so both get `semantic_ids` from the same labels; the
+by each answer) through `models.data.align`, so both get `semantic_ids` from the same labels; the
 completion mask marks the tokens of the final answer only (the ones DPO/NCA score).
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ FEATURE_LAYER = -2
 SELECT_STRATEGIES = ("default", "full")  # "default" drops the CLS token, "full" keeps every position
 CHATML = ("<|im_start|>", "<|im_end|>")
 # ChatML with images as the image token, as the Qwen family writes chats; content may be a string or
-# a list of {"type": "text"/"image"} parts (what workbench.align renders).
+# a list of {"type": "text"/"image"} parts (what models.data.align renders).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

@@ -1,4 +1,4 @@
-"""Replies from a VLM to a ShareGPT conversation: the prompt comes from `workbench.align.align_record`
+"""Replies from a VLM to a ShareGPT conversation: the prompt comes from `models.data.align.align_record`
 (the same chat template and roles as training), decoding is greedy, sampling or beam search, and
 `semantic_ids` go with it when the model uses HSA attention. No UI here: the Chat tab calls this."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from models.hsa import generate as hsa_generate
-from workbench.align import align_record, pad_batch, pad_token_id
+from models.data.align import align_record, pad_batch, pad_token_id
 
 from .loading import uses_hsa
 

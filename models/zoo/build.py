@@ -2,7 +2,7 @@
 
 `build(out_dir)` makes the tokenizer and processor, initialises a `Qwen2VLForConditionalGeneration`
 from a small config, trains it on freshly generated shapes conversations (batches from
-`workbench.align`'s `align_record` and `pad_batch`, as its `HSACollator` makes them, so the roles
+`models.data.align`'s `align_record` and `pad_batch`, as its `HSACollator` makes them, so the roles
 reach the attention as `semantic_ids`), and saves model + processor with `save_pretrained`.
 Training has two stages (`clean_stage`, then `noisy_stage` with HSA): the default model is the HSA
 arm of the experiment in `models.zoo.experiment`, seed 0.
@@ -21,7 +21,7 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import models.hsa  # registers attn_implementation="hsa"
-from workbench.align import IGNORE_INDEX, align_record, pad_batch, pad_token_id
+from models.data.align import IGNORE_INDEX, align_record, pad_batch, pad_token_id
 
 from . import shapes
 from .processor import SPECIAL_TOKENS, build_processor

@@ -54,7 +54,7 @@ import torch
 
 import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
 from models.composed import CHAT_TEMPLATE, IMAGE_TOKEN, PROJECTOR, assemble, freeze_for_align
-from workbench.align import align_record, pad_batch, pad_token_id
+from models.data.align import align_record, pad_batch, pad_token_id
 
 from . import DEFAULT_COMPOSED_DIR, shapes
 from .build import LENGTH_GROUPS, ShapeLookup, language_layers, learning_rate, slot_targets

@@ -16,10 +16,12 @@ Evaluation conditions use the same held-out scenes and questions (only the NOISE
 - heavy:          NOISE before every question, 1-3 items, including kinds never seen in training
                   (fake earlier answers to the same question, false claims inside the question turn
                   as a NOISE span, instructions to lie)
-- heavy-removed:  the heavy conversations with every NOISE turn and span deleted. Against "heavy"
-                  it separates what the noise's content does from what its mere length does: for
-                  the HSA arm the noise is invisible, so any gap is the position shift of the
-                  tokens after it (RoPE positions still count the hidden tokens).
+- heavy-neutral:  the heavy conversations with the text of every NOISE turn and span replaced by
+                  neutral filler of the same number of characters (still marked NOISE). Against
+                  "clean" it measures what the noise's mere length (the position shift of the tokens
+                  after it) costs; against "heavy", what its content costs. (It replaces
+                  "heavy-removed", the noise deleted, which is the "clean" conversation by
+                  construction: the same held-out seed gives the same scenes and questions.)
 The base model (stage 1 only) is evaluated too, plain and with HSA at inference only.
 
 `run_inference_study` (`python -m models.zoo experiment --inference-only`) is the cheap companion:
@@ -36,11 +38,12 @@ from pathlib import Path
 from . import shapes
 from .build import CLEAN_STEPS, clean_stage, noisy_stage, train
 from .evaluate import evaluate, held_out
+from .stats import mean_interval, wilson  # the evaluation's one implementation (workbench.evaluate.metrics too)
 
 OUT_DIR = Path(__file__).resolve().parent / "experiment"
-CONDITIONS = ("clean", "train-noise", "heavy", "heavy-removed")
-# two-sided 95% Student t quantiles by degrees of freedom
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+CONDITIONS = ("clean", "train-noise", "heavy", "heavy-neutral")
+# says nothing about the scene: no colour, shape, count or position
+NEUTRAL_TEXT = "Okay, let me know when you are ready. "
 
 
 @dataclass
@@ -57,50 +60,31 @@ class ExperimentSettings:
     extra: dict = field(default_factory=dict)
 
 
-def strip_noise(sample: shapes.Sample) -> shapes.Sample:
-    """The same conversation without its NOISE turns and NOISE spans."""
+def neutral(length: int) -> str:
+    """Neutral filler of exactly `length` characters."""
+    return (NEUTRAL_TEXT * (length // len(NEUTRAL_TEXT) + 1))[:length]
+
+
+def neutralize_noise(sample: shapes.Sample) -> shapes.Sample:
+    """The same conversation with the text of every NOISE turn and NOISE span replaced by neutral
+    filler of the same number of characters: roles, spans and everything else unchanged."""
     turns = []
     for turn in sample.record["conversations"]:
-        if turn["semantic_type"] == shapes.NOISE:
-            continue
         turn = dict(turn)
-        spans = turn.pop("spans", [])
-        for span in sorted(spans, key=lambda s: -s["start"]):  # from the end, so offsets stay valid
-            if span["role"] == shapes.NOISE:
-                turn["value"] = turn["value"][:span["start"]] + turn["value"][span["end"]:]
+        if turn["semantic_type"] == shapes.NOISE:
+            turn["value"] = neutral(len(turn["value"]))
+        for span in turn.get("spans", []):
+            if span["role"] == shapes.NOISE:  # same length: the offsets of every span stay valid
+                turn["value"] = (turn["value"][:span["start"]] + neutral(span["end"] - span["start"])
+                                 + turn["value"][span["end"]:])
         turns.append(turn)
-    image_turn = next(t for t in turns if "<image>" in t["value"])
-    if image_turn is not turns[0]:  # keep the image with the first question
-        image_turn["value"] = image_turn["value"].replace("<image>", "")
-        turns[0]["value"] = "<image>" + turns[0]["value"]
     return shapes.Sample({**sample.record, "conversations": turns}, sample.scene, list(sample.qtypes))
 
 
 def conditions(n: int, seed: int, settings: ExperimentSettings) -> dict[str, list[shapes.Sample]]:
     heavy = held_out(n, seed, settings.heavy_noise)
     return {"clean": held_out(n, seed, shapes.CLEAN), "train-noise": held_out(n, seed, settings.train_noise),
-            "heavy": heavy, "heavy-removed": [strip_noise(s) for s in heavy]}
-
-
-def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and its 95% Student-t interval over seeds."""
-    k = len(values)
-    mean = sum(values) / k
-    if k < 2:
-        return mean, float("nan"), float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
-    half = T_975.get(k - 1, 1.96) * sd / math.sqrt(k)
-    return mean, mean - half, mean + half
-
-
-def wilson(correct: int, total: int) -> tuple[float, float]:
-    """95% Wilson interval of a proportion (all questions of all seeds pooled)."""
-    if total == 0:
-        return float("nan"), float("nan")
-    z, p = 1.96, correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return centre - half, centre + half
+            "heavy": heavy, "heavy-neutral": [neutralize_noise(s) for s in heavy]}
 
 
 def run_experiment(settings: ExperimentSettings | None = None, out_dir: Path | None = None,

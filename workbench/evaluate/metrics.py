@@ -9,19 +9,17 @@
 - grounding: `<ref>...</ref><box>[(x1, y1), (x2, y2)]</box>` on a 0-1000 grid, right when the IoU with
   the expected box is at least 0.5; boxes are parsed leniently, an answer without one is wrong;
 - intervals: Wilson's for proportions; for two models on the same items a paired bootstrap interval of
-  the difference and McNemar's exact test.
+  the difference and McNemar's exact test (all in `models.zoo.stats`, which the HSA experiment uses too).
 """
 from __future__ import annotations
 
-import math
-import random
 import re
 from dataclasses import dataclass
 
 from models.zoo.evaluate import normalize
+from models.zoo.stats import Z95, compare, mcnemar_p, paired_bootstrap, wilson  # noqa: F401 (re-exported)
 
 IOU_THRESHOLD = 0.5
-Z95 = 1.959963984540054
 
 # canonical object -> words that name it (the canonical word itself always does; plurals are added)
 DEFAULT_SYNONYMS: dict[str, list[str]] = {
@@ -36,61 +34,12 @@ def exact_match(reply: str, expected: str) -> bool:
     return normalize(reply) == normalize(expected)
 
 
-# ---- intervals ------------------------------------------------------------------------------------
-
-def wilson(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% by default); (0, 1) for no items."""
-    if total <= 0:
-        return 0.0, 1.0
-    p = correct / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
+# ---- intervals (models.zoo.stats: the one implementation, shared with the HSA experiment) ------
 
 def rate(count: int, total: int) -> dict:
     """A proportion with its Wilson interval and counts: {value, low, high, count, total}."""
     low, high = wilson(count, total)
     return {"value": count / total if total else None, "low": low, "high": high, "count": count, "total": total}
-
-
-def mcnemar_p(a: list[bool], b: list[bool]) -> float:
-    """Two-sided exact McNemar test on paired outcomes: binomial on the discordant pairs."""
-    if len(a) != len(b):
-        raise ValueError("paired outcomes need the same items")
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def paired_bootstrap(a: list[float], b: list[float], *, samples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
-    """mean(a) - mean(b) over the same items and its percentile bootstrap interval (items resampled
-    together, so the pairing is kept)."""
-    if len(a) != len(b):
-        raise ValueError("paired outcomes need the same items")
-    n = len(a)
-    if n == 0:
-        return 0.0, 0.0, 0.0
-    diffs = [x - y for x, y in zip(a, b)]
-    observed = sum(diffs) / n
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    cut = (1 - level) / 2
-    return observed, means[int(cut * (samples - 1))], means[int(math.ceil((1 - cut) * (samples - 1)))]
-
-
-def compare(a: list[bool], b: list[bool], *, seed: int = 0) -> dict:
-    """A paired comparison of two conditions' outcomes on the same items."""
-    diff, low, high = paired_bootstrap([float(x) for x in a], [float(y) for y in b], seed=seed)
-    return {"diff": diff, "low": low, "high": high, "p_mcnemar": mcnemar_p(a, b), "n": len(a),
-            "only_a": sum(x and not y for x, y in zip(a, b)), "only_b": sum(y and not x for x, y in zip(a, b))}
 
 
 # ---- hallucination (CHAIR) ------------------------------------------------------------------------

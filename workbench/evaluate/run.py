@@ -185,7 +185,7 @@ def conversation_items(conversations: list, *, ids: list[str], extras: list[dict
     answer with a `<box>` is "grounding" and any other "answer". Its `objects` go with every answer
     that is scored for hallucination (types describe / answer)."""
     from models.hsa import NOISE
-    from workbench.align import IMAGE_PLACEHOLDER, Conversation
+    from models.data.align import IMAGE_PLACEHOLDER, Conversation
 
     items = []
     for index, (conv, rid, extra) in enumerate(zip(conversations, ids, extras)):
@@ -214,7 +214,7 @@ def conversation_items(conversations: list, *, ids: list[str], extras: list[dict
 
 def file_items(path: str, image_root: str = "", limit: int | None = None) -> list[Item]:
     """Items of a ShareGPT / LLaMA-Factory JSON or JSONL file (the store's reader)."""
-    from workbench.align import normalize_record
+    from models.data.align import normalize_record
     from workbench.store.io import load_records
 
     records = load_records(path)[:limit]

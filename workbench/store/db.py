@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.hsa import parse_role, role_name
-from workbench.align import Conversation, Span, Turn
+from models.data.align import Conversation, Span, Turn
 from workbench.sqlite import DatabaseBusy, write_transaction
 
 from . import labels as L

@@ -1,6 +1,6 @@
 """Import and export: ShareGPT JSON / JSONL in, ShareGPT, LLaMA-Factory or per-token semantic ids out.
 
-A record is checked completely (structure and roles by `workbench.align.normalize_record`, then its
+A record is checked completely (structure and roles by `models.data.align.normalize_record`, then its
 images: present, regular files, readable, not too big) before anything of it is written, and it is
 written in one savepoint, so an invalid record leaves nothing behind while the valid ones around it are
 stored. A record already in the dataset (same content key: a file imported again after a crash) is
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.hsa import parse_role, sharegpt_name
-from workbench.align import AlignError, Conversation, align_record, normalize_record
+from models.data.align import AlignError, Conversation, align_record, normalize_record
 from workbench.pairs import PAIR_KEYS, is_pair, split_pair
 
 from . import labels as L

@@ -3,7 +3,7 @@ each with a role. Labels are kept canonical: sorted, non-overlapping, neighbours
 merged, so two equal labellings have one representation (and compare equal)."""
 from __future__ import annotations
 
-from workbench.align import Span
+from models.data.align import Span
 
 
 def canonical(spans) -> list[Span]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from models.hsa import GLOBAL, LANDMARK, NOISE
-from workbench.align import Span
+from models.data.align import Span
 
 from . import labels as L
 
@@ -55,7 +55,7 @@ def token_usefulness(model, processor, conv):
     model should run with eager attention."""
     import torch
 
-    from workbench.align import align_record, pad_batch, pad_token_id
+    from models.data.align import align_record, pad_batch, pad_token_id
 
     aligned = align_record(conv, processor)
     # a batch of one, made like training's: per-token extras (mm_token_type_ids) get their batch

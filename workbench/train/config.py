@@ -531,7 +531,7 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
     """The dataset file is a dataset: JSON or JSONL records that training can read (turns, roles,
     spans, images present under image_root), with records left to train on after the eval split.
     The first few bad records are named."""
-    from workbench.align import AlignError, normalize_record
+    from models.data.align import AlignError, normalize_record
     from workbench.store.io import FileError, load_records
 
     where = f"dataset {c.dataset}"

@@ -1,6 +1,6 @@
 """Records aligned once, kept on disk: what a training run feeds its model.
 
-`workbench.align.align_record` turns a conversation into input_ids, labels and semantic_ids through
+`models.data.align.align_record` turns a conversation into input_ids, labels and semantic_ids through
 the chat template. A run used to do that in the collator, for every record at every step of every
 epoch. Here each dataset is aligned once per processor, and the result (token ids, labels,
 semantic_ids, per-token extras such as mm_token_type_ids, and the image references) is written to
@@ -10,7 +10,7 @@ one file in a cache folder whose name is a hash of everything the result depends
   the bytes of every image they name (an image's size decides how many image tokens it gets);
 - the processor: its tokenizer (vocabulary, normalizer, added tokens), chat templates and image
   processor settings, read from the loaded processor, so a copy of a model elsewhere shares the entry;
-- the alignment code: the source of workbench/align.py and of this module, the library versions;
+- the alignment code: the source of models/data/align.py and of this module, the library versions;
 - max_length.
 
 Epochs, resumes and later runs on the same data and processor read the file back; `PadCollator` then
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-import workbench.align as align
-from workbench.align import Aligned, AlignError, Conversation, HSACollator, align_record, pad_batch, pad_token_id
+import models.data.align as align
+from models.data.align import Aligned, AlignError, Conversation, HSACollator, align_record, pad_batch, pad_token_id
 
 FORMAT = 1  # the layout of a cache file; the source hash below changes with it anyway
 SUFFIX = ".pt"
@@ -291,7 +291,7 @@ class AlignedRecords(torch.utils.data.Dataset):
 
 class PadCollator:
     """Aligned items -> a padded batch: loads each item's images through the image processor and pads
-    (workbench.align.pad_batch), nothing else. Without HSA the batch has no semantic_ids."""
+    (models.data.align.pad_batch), nothing else. Without HSA the batch has no semantic_ids."""
 
     def __init__(self, processor, *, image_root=None, hsa: bool = True, padding_side: str = "right"):
         self.processor, self.image_root, self.hsa = processor, image_root, hsa

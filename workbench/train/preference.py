@@ -25,7 +25,7 @@ import torch
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from models.vlm.processor import load_processor
-from workbench.align import AlignError
+from models.data.align import AlignError
 from workbench.pairs import PairCollator, is_pair, split_pair
 
 from . import run

@@ -28,7 +28,7 @@ import models.hsa  # noqa: F401  (registers attn_implementation="hsa")
 import models.hybrid  # noqa: F401  (registers the hsa_hybrid model type with the Auto classes)
 from models.composed import PROJECTOR, freeze_for_align, projector_parameters
 from models.vlm.processor import load_processor
-from workbench.align import AlignError, normalize_record
+from models.data.align import AlignError, normalize_record
 from workbench.store.io import load_records as read_json_records
 
 from . import data

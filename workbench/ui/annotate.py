@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from models.hsa import GLOBAL, LANDMARK, NOISE, ROLE_NAMES
-from workbench.align import AlignError, align_record, token_role
+from models.data.align import AlignError, align_record, token_role
 from workbench.store import FORMATS, FileError, StaleVersionError, Store, StoreError, export_dataset, import_upload
 from workbench.store.db import labels_from_json, labels_to_json
 from workbench.store.suggest import model_suggestions, rule_suggestions

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import gradio as gr
 
 from models.vlm import VLMLoadError
-from workbench.align import AlignError
+from models.data.align import AlignError
 from workbench.attention import (AttentionResult, AttentionUnsupported, attention_figure, check_hsa,
                                  compute_attention, default_overlay_token, image_overlay, load_model, mass_figure,
                                  prepare_conversation)

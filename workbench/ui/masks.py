@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from workbench.align import AlignError
+from models.data.align import AlignError
 from workbench.mask_view import (SUMMARY_HEADERS, build_mask_view, mask_figure, mask_png, pair_summary,
                                  parse_conversation_text, role_counts, token_highlights)
 from workbench.ui.context import AppContext, cached_processor

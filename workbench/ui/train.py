@@ -179,7 +179,7 @@ def check_dataset_images(ctx: AppContext, c) -> None:
     record and the image; a local server reads what its user names."""
     if not ctx.confined:
         return
-    from workbench.align import normalize_record
+    from models.data.align import normalize_record
     from workbench.paths import PathRefused
     from workbench.store.io import read_records
 
