@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.zoo import shapes  # noqa: E402
+from models.zoo import DEFAULT_VLM_DIR, shapes  # noqa: E402
 from models.data import align  # noqa: E402
 from workbench.ui import annotate  # noqa: E402
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--reference-max", type=int, default=2000,
                         help="run the quadratic reference up to this many turns (10,000 took 1,242 s)")
     parser.add_argument("--annotate-turns", type=int, default=2000, help="conversation length for the Annotate tab")
-    parser.add_argument("--model", default=str(ROOT / "models" / "zoo" / "default_vlm"))
+    parser.add_argument("--model", default=str(DEFAULT_VLM_DIR))
     args = parser.parse_args()
 
     from models.vlm.processor import load_processor

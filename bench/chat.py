@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from models.zoo import DEFAULT_VLM_DIR  # noqa: E402
 QUESTION = "Describe the picture."  # the longest answers the default model gives
 
 
@@ -47,7 +48,7 @@ def measure(pieces, count_tokens) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=str(ROOT / "models" / "zoo" / "default_vlm"))
+    parser.add_argument("--model", default=str(DEFAULT_VLM_DIR))
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

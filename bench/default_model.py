@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from models.zoo import DEFAULT_VLM_DIR  # noqa: E402
 
 
 def bench_record(n_questions: int = 3) -> dict:
@@ -46,7 +47,7 @@ def first_token_and_decode(model, processor, record, new_tokens: int) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "zoo" / "default_vlm")
+    parser.add_argument("--model", type=Path, default=DEFAULT_VLM_DIR)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)

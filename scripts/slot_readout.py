@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from models.zoo import DEFAULT_VLM_DIR  # noqa: E402
 
 
 def fit_and_score(features, labels, train, classes: int):
@@ -43,7 +44,7 @@ def fit_and_score(features, labels, train, classes: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "zoo" / "default_vlm")
+    parser.add_argument("--model", type=Path, default=DEFAULT_VLM_DIR)
     parser.add_argument("--n", type=int, default=400, help="conversations (4 image tokens each)")
     args = parser.parse_args()
 

@@ -23,10 +23,10 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 import models.hsa  # registers attn_implementation="hsa"
 from models.data.align import IGNORE_INDEX, align_record, pad_batch, pad_token_id
 
-from . import shapes
+from . import DEFAULT_VLM_DIR, shapes
 from .processor import SPECIAL_TOKENS, build_processor
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "default_vlm"
+DEFAULT_DIR = DEFAULT_VLM_DIR  # where `build` writes by default
 CLEAN_STEPS = 2400  # stage 1 of the default recipe
 LENGTH_GROUPS = 4  # batches drawn at once and grouped by length (`training_batches`)
 

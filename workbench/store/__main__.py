@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "zoo" / "default_vlm"
+from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL
 
 
 def main(argv=None) -> int:
