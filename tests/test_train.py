@@ -104,6 +104,23 @@ def test_qlora_loads_nf4_double_quantized_weights_with_lora_on_top(default_model
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_training_and_chat_quantize_with_the_same_config(default_model, tmp_path):
+    """One BitsAndBytesConfig (models.vlm.loading.bnb_config): the vision tower, projector and head stay in
+    full precision whether a model is quantized for a run or for the Chat tab."""
+    import torch
+
+    from models.vlm.loading import UNQUANTIZED_MODULES, bnb_config
+    from workbench.train import parse_config
+    from workbench.train.run import quantization_config
+
+    for kind in ("4bit", "8bit"):
+        config = parse_config({"dataset": "d.json", "base_model": str(default_model), "quantization": kind,
+                               "dtype": "float32"}, base_dir=tmp_path)
+        assert quantization_config(config).to_dict() == bnb_config(kind, torch.float32).to_dict()
+        assert bnb_config(kind, torch.float32).llm_int8_skip_modules == UNQUANTIZED_MODULES
+    assert quantization_config(parse_config({"dataset": "d.json"}, base_dir=tmp_path)) is None
+
+
 def test_ddp_on_two_cpu_processes(manager, default_model, shapes_json):
     config = {"dataset": str(shapes_json), "max_steps": 2, "hsa": True, "base_model": str(default_model),
               "batch_size": 2, "lora_r": 4}

@@ -31,12 +31,24 @@ def _quantization_config(quantization):
         return None
     if not torch.cuda.is_available():
         raise VLMLoadError(f"{quantization} quantization (bitsandbytes) needs a CUDA GPU; none is available")
+    return bnb_config(quantization, torch.bfloat16)
+
+
+# the vision tower, the projector and the output head stay in full precision, as in QLoRA for VLMs
+UNQUANTIZED_MODULES = ["visual", "vision_tower", "vision_model", "multi_modal_projector", "lm_head"]
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype):
+    """The one BitsAndBytesConfig of the project (loading for chat and training): "4bit" is QLoRA's NF4
+    with double quantization, "8bit" LLM.int8; `UNQUANTIZED_MODULES` stay in full precision."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    raise ValueError(f"quantization must be 4bit or 8bit, got {quantization!r}")
 
 
 def load_vlm(path_or_hub_id: str | Path, *, attn_implementation: str = "hsa", adapter: str | Path | None = None,

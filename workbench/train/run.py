@@ -101,14 +101,9 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
 def quantization_config(config: TrainConfig):
     if config.quantization == "none":
         return None
-    from transformers import BitsAndBytesConfig
+    from models.vlm.loading import bnb_config
 
-    # the vision tower and the output head stay in full precision, as in QLoRA for VLMs
-    skip = ["visual", "vision_tower", "vision_model", "multi_modal_projector", "lm_head"]
-    if config.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype(config), llm_int8_skip_modules=skip)
+    return bnb_config(config.quantization, compute_dtype(config))
 
 
 def load_model(config: TrainConfig):
