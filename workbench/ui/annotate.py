@@ -16,6 +16,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -734,7 +735,7 @@ def _model_loader(ctx):
     return load
 
 
-def build(ctx) -> None:
+def build(ctx):
     store = Store(ctx.db_path)
     exports = Path(ctx.workspace) / "exports"
     exports.mkdir(parents=True, exist_ok=True)
@@ -954,3 +955,8 @@ def build(ctx) -> None:
         return (gr.Dropdown(choices=choices, value=d), *open_conversation(d, s, q, c if c is not None else -1, m))
 
     Context.root_block.load(on_load, [*nav_inputs, memory], [dataset, *nav_outputs])
+
+    def open_record(d, c, m):  # another tab (Evaluate's wrong answers) opens conversation c of dataset d here
+        return (gr.Dropdown(choices=dataset_names(), value=d), "all", "", *open_conversation(d, "all", "", int(c), m))
+
+    return SimpleNamespace(open_record=open_record, model=model, outputs=[dataset, status_filter, search, *nav_outputs])
