@@ -232,3 +232,59 @@ def test_a_failed_turn_is_marked_and_does_not_pile_up(monkeypatch):
 
     st3, status = run_answer(Broken(), {"a": [user_turn("x")], "b": []})
     assert "failed: boom" in status and st3["a"] == [st3["a"][0]] and st3["a"][0].failed
+
+
+def _compared(tmp_path):
+    """A Compare conversation: the same two messages (with an image) answered by two models."""
+    image = str(shapes_png(tmp_path / "scene.png"))
+    turns = [ChatTurn("user", "What color is the circle?", [image]), ChatTurn("assistant", "Red.", model="m"),
+             ChatTurn("user", "And the square?")]
+    a = [*turns, ChatTurn("assistant", "The square is blue.", model="default")]
+    b = [ChatTurn(**{**t.to_json()}) for t in turns] + [ChatTurn("assistant", "The square is green.", model="run: x")]
+    b[1].text = "Red, I think."  # the second model's earlier reply differs
+    return {"a": a, "b": b}, image
+
+
+def test_a_compared_answer_becomes_a_preference_pair(tmp_path):
+    from workbench.chat import preference_pair
+    from workbench.pairs import split_pair
+
+    st, image = _compared(tmp_path)
+    pair = preference_pair(st["a"], st["b"], "a", "Be brief.")
+    assert pair["chosen"]["value"] == "The square is blue." and pair["rejected"]["value"] == "The square is green."
+    assert pair["chosen"]["from"] == pair["rejected"]["from"] == "gpt"
+    assert [t["value"] for t in pair["conversations"]] == ["<image>What color is the circle?", "Red.", "And the square?"]
+    assert pair["images"] == [image] and pair["system"] == "Be brief."
+    chosen, rejected = split_pair(pair)  # the format workbench.pairs trains on
+    assert chosen["conversations"][-1]["value"] == "The square is blue."
+    other = preference_pair(st["a"], st["b"], "b")
+    assert other["chosen"]["value"] == "The square is green." and other["rejected"]["value"] == "The square is blue."
+    assert other["conversations"][1]["value"] == "Red, I think."  # the chosen side's history
+    with pytest.raises(ChatInputError, match="answered the last message"):
+        preference_pair(st["a"], st["b"][:-1], "a")
+
+
+def test_saving_a_pair_stores_it_once_and_says_so(tmp_path):
+    from workbench.store import Store
+    from workbench.ui.chat import save_preference, send_to_annotate
+    from workbench.ui.context import AppContext
+
+    ctx = AppContext.create(tmp_path / "ws", default_model=tmp_path / "model")
+    st, _ = _compared(tmp_path)
+    first = save_preference(ctx, st, "", "prefs", "b")
+    assert first.startswith("Saved the pair (the second answer preferred) to dataset **prefs**"), first
+    again = save_preference(ctx, st, "", "prefs", "b")
+    assert again.startswith("Already there: this pair (the second answer preferred) is conversation #1 of dataset **prefs**")
+    other = save_preference(ctx, st, "", "prefs", "a")  # the other choice is another pair
+    assert other.startswith("Saved"), other
+    with Store(ctx.db_path) as store:
+        ids = store.conversation_ids("prefs")
+        assert len(ids) == 2
+        saved = store.conversation(ids[0])
+        assert saved.extra["chosen"]["value"] == "The square is green."
+        assert saved.extra["rejected"]["value"] == "The square is blue."
+        assert len(store.conversation(ids[0]).as_conversation().images) == 1  # the image went with it
+    # Send to Annotate: a second send of the same conversation says it was there (it said "Saved")
+    assert send_to_annotate(ctx, st, "", "chat").startswith("Saved the conversation to dataset **chat**")
+    assert send_to_annotate(ctx, st, "", "chat").startswith("Already there: this conversation is conversation #1")
+    assert "No pair saved" in save_preference(ctx, {"a": st["a"], "b": []}, "", "prefs", "a")

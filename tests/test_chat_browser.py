@@ -189,7 +189,9 @@ def test_regenerate_edit_roles_annotate_and_compare(workbench_url, workbench_wor
     # send to Annotate: a dataset in the store
     page.locator("#chat-dataset textarea, #chat-dataset input").first.fill("from-chat")
     page.click("#chat-to-annotate")
-    page.wait_for_selector("#chat-status:has-text('Saved to dataset')", timeout=30_000)
+    page.wait_for_selector("#chat-status:has-text('Saved the conversation to dataset')", timeout=30_000)
+    page.click("#chat-to-annotate")  # the same conversation again: the store has it already, and says so
+    page.wait_for_selector("#chat-status:has-text('Already there')", timeout=30_000)
     from workbench.store import Store
 
     with Store(workbench_workspace / "workbench.db") as store:
@@ -207,3 +209,14 @@ def test_regenerate_edit_roles_annotate_and_compare(workbench_url, workbench_wor
                            timeout=120_000)
     wait_for_reply(page, "The blue shape is a circle.")
     screenshot(page, "chat-compare")
+    # prefer the second answer: saved as a preference pair in the named dataset, once
+    page.locator("#chat-pairs textarea, #chat-pairs input").first.fill("chat-prefs")
+    page.click("#chat-prefer-b")
+    page.wait_for_selector("#chat-status:has-text('Saved the pair (the second answer preferred)')", timeout=30_000)
+    screenshot(page, "chat-preference-saved")
+    page.click("#chat-prefer-b")
+    page.wait_for_selector("#chat-status:has-text('Already there')", timeout=30_000)
+    with Store(workbench_workspace / "workbench.db") as store:
+        (pair_id,) = store.conversation_ids("chat-prefs")
+        saved = store.conversation(pair_id)
+        assert saved.extra["chosen"]["value"] == saved.extra["rejected"]["value"] == "The blue shape is a circle."

@@ -103,6 +103,29 @@ def to_record(turns: list[ChatTurn], system: str | None = None) -> dict:
     return record
 
 
+def preference_pair(a: list[ChatTurn], b: list[ChatTurn], prefer: str, system: str | None = None) -> dict:
+    """The two sides' answers to the last user message as a ranking record (LLaMA-Factory's format,
+    what `workbench.pairs` trains on): `prefer` ("a" or "b") is the chosen answer, the other the
+    rejected one. The prompt is the conversation up to that message as the chosen side holds it
+    (earlier replies differ between sides), with its images."""
+    if prefer not in ("a", "b"):
+        raise ValueError(f"prefer must be 'a' or 'b', not {prefer!r}")
+    sides = {"a": without_failed(a), "b": without_failed(b)}
+    for side, turns in sides.items():
+        if len(turns) < 2 or turns[-1].speaker != "assistant" or turns[-2].speaker != "user":
+            raise ChatInputError("both models must have answered the last message first")
+        if not turns[-1].text.strip():
+            raise ChatInputError(f"the {'first' if side == 'a' else 'second'} model's answer is empty")
+    if sides["a"][-2].text != sides["b"][-2].text or sides["a"][-2].images != sides["b"][-2].images:
+        raise ChatInputError("the two answers reply to different messages")
+    rejected = "b" if prefer == "a" else "a"
+    chosen_turns = sides[prefer]
+    record = to_record(chosen_turns[:-1], system)
+    record["chosen"] = to_record(chosen_turns[-1:])["conversations"][0]
+    record["rejected"] = to_record(sides[rejected][-1:])["conversations"][0]
+    return record
+
+
 def history_from_api(history) -> list[ChatTurn]:
     """History given to the API: a list of {"role", "content"} or {"from", "value"} dicts (text)."""
     if history in (None, "", []):

@@ -10,8 +10,8 @@ import gradio as gr
 
 from models.hsa import ROLE_NAMES
 from workbench.chat import (TABLE_HEADERS, ChatInputError, ChatTurn, ModelPool, display_messages,
-                            finished_runs, history_from_api, is_out_of_memory, retry_last, shared_pool,
-                            to_record, turns_table, user_turn, vlm_key, without_failed)
+                            finished_runs, history_from_api, is_out_of_memory, preference_pair, retry_last,
+                            shared_pool, to_record, turns_table, user_turn, vlm_key, without_failed)
 from workbench.ui.context import AppContext
 
 NONE = "(none)"
@@ -93,6 +93,43 @@ def answer(backend: ChatBackend, st: dict, choices: list[str], system: str, hsa_
     yield st, ""
 
 
+def save_to_store(ctx: AppContext, dataset_name: str, record: dict, what: str = "conversation") -> str:
+    """Store one record in a dataset of the annotation store; says where it went, that it was there
+    already (the store's content key: nothing stored twice), or why it was refused."""
+    from workbench.store import Store, StoreBusyError, import_records
+
+    name = (dataset_name or "").strip() or "chat"
+    try:
+        with Store(ctx.db_path) as store:
+            report = import_records(store, name, [("chat", record)], base_dir=ctx.workspace, author="chat",
+                                    source="chat")
+    except StoreBusyError as error:
+        return f"**Not saved:** the annotation store stayed busy ({error}); try again."
+    if report.errors:
+        return f"**Not saved:** {report.errors[0]}"
+    if report.skipped:
+        number = report.skipped[0].split("as conversation", 1)[-1].split(";")[0].strip()  # "#N"
+        return f"Already there: this {what} is conversation {number} of dataset **{name}**; nothing new saved."
+    return f"Saved the {what} to dataset **{name}** in the annotation store."
+
+
+def send_to_annotate(ctx: AppContext, st: dict, system: str, dataset_name: str) -> str:
+    if not st["a"]:
+        return "**Nothing to send:** the conversation is empty."
+    return save_to_store(ctx, dataset_name, to_record(st["a"], system))
+
+
+def save_preference(ctx: AppContext, st: dict, system: str, dataset_name: str, prefer: str) -> str:
+    """The Compare view's two answers to the last message saved as a preference pair, `prefer`'s
+    answer ("a": the first model, "b": the second) chosen, the other rejected."""
+    try:
+        record = preference_pair(st["a"], st["b"], prefer, system)
+    except ChatInputError as error:
+        return f"**No pair saved:** {error}"
+    side = "first" if prefer == "a" else "second"
+    return save_to_store(ctx, dataset_name, record, f"pair (the {side} answer preferred)")
+
+
 DEFAULT_MODEL_NOTE = (
     "*The embedded models (default, composed, hybrid) are tiny models trained on one synthetic task, **shapes "
     "scenes**: 1–3 circles, squares or triangles (red, green, blue or yellow) in a 2×2 grid, and questions about "
@@ -126,8 +163,15 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
     gr.Markdown(DEFAULT_MODEL_NOTE, elem_id="chat-model-note")
     system = gr.Textbox("", label="System prompt (GLOBAL)", lines=1, placeholder="optional")
     with gr.Row():
-        chat_a = gr.Chatbot(label="Model", height=460, elem_id="chat-a", buttons=["copy"])
-        chat_b = gr.Chatbot(label="Compare", height=460, visible=False, elem_id="chat-b", buttons=["copy"])
+        with gr.Column():
+            chat_a = gr.Chatbot(label="Model", height=460, elem_id="chat-a", buttons=["copy"])
+            prefer_a = gr.Button("✓ Prefer this answer", size="sm", visible=False, elem_id="chat-prefer-a")
+        with gr.Column(visible=False) as column_b:
+            chat_b = gr.Chatbot(label="Compare", height=460, elem_id="chat-b", buttons=["copy"])
+            prefer_b = gr.Button("✓ Prefer this answer", size="sm", elem_id="chat-prefer-b")
+    with gr.Row(visible=False) as pairs_row:
+        pairs_dataset = gr.Textbox("chat-pairs", label="Preference pairs dataset (the preferred answer is "
+                                   "'chosen', the other 'rejected'; for DPO / NCA training)", elem_id="chat-pairs")
     with gr.Row():
         message = gr.MultimodalTextbox(placeholder="Ask about an image (attach one or more)…", file_types=["image"],
                                        file_count="multiple", show_label=False, scale=5, stop_btn=True,
@@ -205,19 +249,6 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
                 st[side][index].role = ROLE_CHOICES.index(role_value)
         return (*views(st), st)
 
-    def send_to_annotate(st, system_value, dataset_name):
-        from workbench.store import Store, import_records
-
-        if not st["a"]:
-            return "**Nothing to send:** the conversation is empty."
-        record = to_record(st["a"], system_value)
-        with Store(ctx.db_path) as store:
-            report = import_records(store, dataset_name or "chat", [("chat", record)], base_dir=ctx.workspace,
-                                    author="chat", source="chat")
-        if report.errors:
-            return f"**Not saved:** {report.errors[0]}"
-        return f"Saved to dataset **{dataset_name or 'chat'}** in the annotation store."
-
     shown = [chat_a, chat_b, table]
     send = message.submit(add_message, [message, role, state], [*shown, state, message, status])
     reply_event = send.then(respond, [state, model_a, model_b, system, use_hsa, *decoding],
@@ -233,8 +264,15 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
     for clearing in (clear.click, chat_a.clear, chat_b.clear):  # the Chatbots' own trash buttons too
         clearing(lambda: ([], [], [], {"a": [], "b": []}, ""), None, [*shown, state, status])
     apply_role.click(set_role, [state, turn_index, turn_role], [*shown, state])
-    to_annotate.click(send_to_annotate, [state, system, dataset], status)
-    model_b.change(lambda choice: gr.Chatbot(visible=choice not in (None, "", NONE)), model_b, chat_b)
+    to_annotate.click(lambda st, s, d: send_to_annotate(ctx, st, s, d), [state, system, dataset], status)
+    prefer_a.click(lambda st, s, d: save_preference(ctx, st, s, d, "a"), [state, system, pairs_dataset], status)
+    prefer_b.click(lambda st, s, d: save_preference(ctx, st, s, d, "b"), [state, system, pairs_dataset], status)
+
+    def show_compare(choice):
+        on = choice not in (None, "", NONE)
+        return gr.Column(visible=on), gr.Button(visible=on), gr.Row(visible=on)
+
+    model_b.change(show_compare, model_b, [column_b, prefer_a, pairs_row])
     refresh.click(lambda: refresh_models(), None, [model_a, model_b])
 
     # Scripting: Client(url).predict({"text": ..., "files": [handle_file(...)]}, api_name="/chat")
