@@ -1,18 +1,22 @@
 """The same LoRA run through `workbench.train` (HSA on and off) and through LLaMA-Factory, side by side.
 
-    python bench/train_vs_llamafactory.py --lf-python /tmp/lf/bin/python [--rounds 3] [--steps 30]
+    python bench/train_vs_llamafactory.py --lf-python /tmp/lf523/bin/python [--rounds 3] [--steps 30]
 
 LLaMA-Factory runs in its own venv (`--lf-python`), which must not bring its own torch: the one used here
-was made with `python -m venv /tmp/lf`, a .pth file pointing at this project's site-packages (its torch
-2.13+cpu), and `pip install --no-deps llamafactory==0.9.5 transformers==5.6.0 tokenizers==0.22.2
-"huggingface-hub<2" peft==0.18.1 trl==0.24.0 datasets==4.0.0 accelerate==1.11.0 "tyro<0.9" ...` (what it asks
-for, run with DISABLE_VERSION_CHECK=1); torchaudio, which has no build for this torch, is an empty stub
-module (LLaMA-Factory imports it at the top of mm_plugin.py and uses it for audio only).
+was made with `python -m venv /tmp/lf523`, a .pth file pointing at this project's site-packages (its torch
+2.13+cpu and transformers 5.23), and `pip install --no-deps llamafactory==0.9.5 peft==0.18.1 trl==0.24.0
+datasets==4.0.0 accelerate==1.11.0 "tyro<0.9" fire omegaconf ...` (what it asks for; run with
+DISABLE_VERSION_CHECK=1, as its pins say transformers <= 5.6). The same venv with LLaMA-Factory's own
+transformers 5.6.0 (tokenizers 0.22.2, huggingface-hub 1.x) also trains, but its forward/backward took 1.5x
+as long on this model, so it would measure transformers, not LLaMA-Factory. torchaudio, which has no build
+for this torch, is an empty stub module (LLaMA-Factory imports it at the top of mm_plugin.py and uses it
+for audio only).
 
 Both sides: the default VLM with its config's dtype set to float32 (the committed config says bfloat16,
 which LLaMA-Factory would train in), 120 shapes conversations with NOISE turns, LoRA r 16 / alpha 32 on
 q/k/v/o/gate/up/down, lr 2e-4 cosine, batch 4, `--steps` steps, seed 42, no checkpoints, 2 torch threads,
-no data workers, OMP_WAIT_POLICY=PASSIVE. LLaMA-Factory gets the workbench's own processor (Qwen2-VL's
+no data workers, no gradient checkpointing (LLaMA-Factory turns it on unless told: 1.5x its compute here),
+OMP_WAIT_POLICY=PASSIVE. LLaMA-Factory gets the workbench's own processor (Qwen2-VL's
 PIL image processor with images made the fixed square the model knows; its video part, which needs
 torchvision, stands in by the image processor, as LLaMA-Factory requires one to exist). Per step, a
 Trainer callback times "data" (end of a step to the start of the next: fetching and collating the
@@ -133,7 +137,9 @@ def run_llamafactory(args) -> dict:
                  per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-4,
                  max_steps=args.steps, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
                  report_to="none", use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
-                 seed=42, plot_loss=False), callbacks=[timer])
+                 seed=42, plot_loss=False,
+                 disable_gradient_checkpointing=True),  # LLaMA-Factory's default is on; the workbench's off
+            callbacks=[timer])
     return timer.result()
 
 
@@ -170,7 +176,7 @@ def prepare(scratch: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lf-python", default="/tmp/lf/bin/python")
+    parser.add_argument("--lf-python", default="/tmp/lf523/bin/python")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
