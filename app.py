@@ -104,7 +104,6 @@ def main(argv=None) -> None:
     workspace = args.workspace.resolve()
     # Uploads land inside the workspace, not in a system-wide temp directory.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace / "tmp"))
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from workbench.jobs.processes import thread_split

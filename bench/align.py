@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from models.zoo import DEFAULT_VLM_DIR, shapes  # noqa: E402
 from models.data import align  # noqa: E402

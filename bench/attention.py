@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL  # noqa: E402
 VARIANTS = {"probe": "probe: first map", "next": "probe: next map", "all": "output_attentions",
             "forward": "forward only"}

@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from models.zoo import DEFAULT_VLM_DIR  # noqa: E402
 QUESTION = "Describe the picture."  # the longest answers the default model gives
 

@@ -16,14 +16,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py does, before to
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 from default_model import bench_record, first_token_and_decode  # noqa: E402
 

@@ -12,12 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no busy-wai
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 from default_model import bench_record, first_token_and_decode  # noqa: E402
 

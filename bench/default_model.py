@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from models.zoo import DEFAULT_VLM_DIR  # noqa: E402
 
 

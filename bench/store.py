@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import shapes  # noqa: E402
 from workbench.store import Store, export_dataset, import_file  # noqa: E402

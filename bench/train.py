@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 QUANTIZATIONS = {"lora": "none", "qlora": "4bit"}
 PATHS = ("uncached", "cold", "warm")

@@ -13,11 +13,9 @@ preference), in scenes of 2-3 shapes, for cell words and for the other words apa
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from models.zoo import DEFAULT_VLM_DIR  # noqa: E402
 
 

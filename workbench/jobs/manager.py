@@ -37,7 +37,6 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED, LOST)
 
 LOG_NAME, METRICS_NAME, CONFIG_NAME, EXIT_NAME = "run.log", "metrics.jsonl", "run_config.json", "exit.json"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -541,9 +540,7 @@ def _read_json(path: Path) -> dict | None:
 def _child_env(extra: dict | None) -> dict:
     import os
 
-    env = dict(os.environ)
-    # the run imports workbench/models from the project, whatever its working directory
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = dict(os.environ)  # the project is installed (pip install -e .): runs import it from any folder
     env["PYTHONUNBUFFERED"] = "1"  # the log shows progress as it happens
     # OpenMP's default active wait spins idle threads at 100%, slowing the app's chat several-fold:
     # threads that wait sleep, and the run leaves the app a share of the cores (processes.thread_split)
