@@ -61,7 +61,7 @@ def build_app(ctx):
                     "see the attention mask they make, train under it, and chat with the result.")
         with gr.Tabs() as tabs:
             with gr.Tab("Annotate", id="annotate"):
-                annotate.build(ctx)
+                annotate_tab = annotate.build(ctx)
             with gr.Tab("Masks & Attention", id="masks"):
                 with gr.Tabs():
                     with gr.Tab("HSA mask", id="mask"):
@@ -73,11 +73,14 @@ def build_app(ctx):
             with gr.Tab("Chat", id="chat") as chat_tab_item:
                 chat_tab = chat.build(ctx)
             with gr.Tab("Evaluate", id="evaluate"):
-                evaluate.build(ctx)
+                evaluate_tab = evaluate.build(ctx)
         # "Chat with this run" in the Train tab opens the run in the Chat tab.
         train_tab.chat_model.change(
             lambda label: (chat_tab.open_model(label), gr.Tabs(selected="chat")) if label else (gr.skip(), gr.skip()),
             train_tab.chat_model, [chat_tab.model, tabs])
+        # a wrong answer's "open in Annotate" in the Evaluate tab opens its record there
+        evaluate_tab.answers.eval_open_record(evaluate.open_in(annotate_tab.open_record, "annotate"), annotate_tab.model,
+                                              [*annotate_tab.outputs, tabs])
         # runs that finished since the page was opened are offered as soon as the tab is shown
         chat_tab_item.select(chat_tab.refresh, None, chat_tab.pickers, show_progress="hidden")
     hide_page_endpoints(app)

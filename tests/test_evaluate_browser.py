@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, free_port, running_server, screenshot
 from workbench.evaluate import ConfigError
 from workbench.ui.context import AppContext
-from workbench.ui.evaluate import answers_html, make_config
+from workbench.ui.evaluate import answers_html, fresh_choices, make_config
 
 SERVER = textwrap.dedent("""
     import sys
@@ -57,6 +57,42 @@ def test_answers_side_by_side_mark_the_wrong_ones():
     assert page.count("eval-wrong") == 2 + 1 and "Q&lt;1&gt;" in page and "no box could be read" in page
     assert "IoU 0.80" in page
     assert "r0" in answers_html(results, only_wrong=True)
+    assert "eval-open" not in page  # a file's records are not in the store: no link
+
+
+def test_a_wrong_answer_of_a_store_record_links_to_annotate():
+    results = {"config": {"dataset": "store:my 'set'"}, "conditions": [{"key": "a"}], "items": [
+        {"record_id": "7", "qtype": "color", "question": "Q", "expected": "E", "answers": {"a": {"reply": "X", "correct": False}}},
+        {"record_id": "8", "qtype": "color", "question": "Q", "expected": "E", "answers": {"a": {"reply": "E", "correct": True}}}]}
+    page = answers_html(results)
+    assert page.count("class='eval-open'") == 1  # the wrong one only
+    assert "data-dataset='my &#x27;set&#x27;' data-conv='7'" in page
+
+
+def test_the_pickers_labels_follow_the_status(tmp_path):
+    from workbench.jobs import RunManager
+
+    class Run:
+        def __init__(self, status):
+            self.id, self.name, self.status, self.launcher = 1, "e", status, "evaluate"
+
+    class Manager(RunManager):
+        def __init__(self):
+            self.status = "running"
+
+        def list(self, limit=100):
+            return [Run(self.status)]
+
+    manager = Manager()
+    update, shown = fresh_choices(manager, [])
+    assert update.choices == [("1: e (running)", 1)] and shown == [("1: e (running)", 1)]
+    assert fresh_choices(manager, shown)[1] is shown  # nothing changed: nothing sent
+    import gradio as gr
+
+    assert isinstance(fresh_choices(manager, [list(c) for c in shown])[0], type(gr.skip()))  # labels come back as lists
+    manager.status = "succeeded"
+    update, shown = fresh_choices(manager, shown)
+    assert update.choices == [("1: e (succeeded)", 1)]
 
 
 
@@ -94,3 +130,39 @@ def test_start_an_evaluation_and_read_its_results(evaluate_tab, page):
     assert "from the browser" in page.locator("#eval-runs").inner_text()
     screenshot(page, "evaluate_results")
     assert (workspace / "evals" / "run-0001" / "results.json").is_file()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_wrong_answer_opens_its_record_in_annotate(workbench_url, workbench_workspace, page, tmp_path):
+    """The whole app: an evaluation of a store dataset, then a wrong answer's link opens that
+    conversation in the Annotate tab; the picker's label follows the run to 'succeeded'."""
+    from conftest import shapes_png
+    from workbench.store import Store, import_records
+
+    image = shapes_png(tmp_path / "red.png")
+    records = [("right", {"images": [str(image)], "conversations": [
+                   {"from": "human", "value": "<image>How many shapes are there?"},
+                   {"from": "gpt", "value": "There is 1 shape."}]}),
+               ("wrong", {"images": [str(image)], "conversations": [
+                   {"from": "human", "value": "<image>What color is the circle?"},
+                   {"from": "gpt", "value": "The circle is purple."}]})]  # no model says purple
+    with Store(workbench_workspace / "workbench.db") as store:
+        assert import_records(store, "eval-link", records, base_dir=tmp_path).stored == 2
+        wrong_id = store.conversation_ids("eval-link")[1]
+    page.goto(workbench_url)
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-dataset textarea, #eval-dataset input").first.fill("store:eval-link")
+    page.locator("#eval-start").click()
+    page.wait_for_function("document.querySelector('#eval-message').innerText.includes('Evaluation')")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes('succeeded')", timeout=120_000)
+    # the picker's label is no longer '(running)'
+    page.wait_for_function("document.querySelector('#eval-chosen input').value.includes('(succeeded)')", timeout=20_000)
+    link = page.locator(f"#eval-answers a.eval-open[data-conv='{wrong_id}']").first
+    link.wait_for(timeout=20_000)
+    screenshot(page, "evaluate_open_in_annotate_link")
+    link.click()
+    page.wait_for_function("document.querySelector('#annotate-view').offsetParent !== null", timeout=20_000)
+    page.wait_for_selector("#annotate-view:has-text('purple')", timeout=30_000)
+    assert page.locator("#annotate-dataset input").input_value() == "eval-link"
+    screenshot(page, "evaluate_opened_in_annotate")

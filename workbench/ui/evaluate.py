@@ -9,6 +9,7 @@ import html
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -105,6 +106,15 @@ def run_choices(manager: RunManager) -> list[tuple[str, int]]:
     return [(f"{run.id}: {run.name} ({run.status})", run.id) for run in manager.list(100) if run.launcher == "evaluate"]
 
 
+def fresh_choices(manager: RunManager, shown):
+    """(update, labels): new choices for the evaluation pickers when a label changed since `shown`
+    (a status went from running to succeeded, a run was added), else gr.skip()."""
+    labels = run_choices(manager)
+    if [list(c) for c in labels] == [list(c) for c in shown or []]:
+        return gr.skip(), shown
+    return gr.Dropdown(choices=labels), labels
+
+
 def load_results(manager: RunManager, run_id) -> dict | None:
     if run_id in (None, ""):
         return None
@@ -128,11 +138,46 @@ def status_text(manager: RunManager, run_id) -> str:
     return text
 
 
+def store_dataset(results: dict | None) -> str | None:
+    """The store dataset an evaluation read ("store:NAME" -> NAME), else None."""
+    dataset = ((results or {}).get("config") or {}).get("dataset") or ""
+    return dataset[len("store:"):] if dataset.startswith("store:") else None
+
+
+def record_link(dataset: str, record_id) -> str:
+    """A link that opens a store record in the Annotate tab (OPEN_RECORD_JS sends the click)."""
+    return (f"<br><a href='#' class='eval-open' data-dataset='{html.escape(dataset, quote=True)}' "
+            f"data-conv='{html.escape(str(record_id), quote=True)}'>open in Annotate</a>")
+
+
+# the answers' "open in Annotate" links: a click sends {dataset, conv_id} to Python as eval_open_record
+OPEN_RECORD_JS = """
+element.addEventListener('click', (e) => {
+  const link = e.target.closest('a.eval-open');
+  if (!link) return;
+  e.preventDefault();
+  trigger('eval_open_record', {dataset: link.dataset.dataset, conv_id: +link.dataset.conv});
+});
+"""
+
+
+def open_in(open_record, tab: str):
+    """The handler of a click on "open in Annotate": `open_record(dataset, conv_id, model)`'s updates,
+    then the tab `tab` selected."""
+    def handler(model, evt: gr.EventData):
+        data = evt._data or {}
+        return (*open_record(data.get("dataset"), data.get("conv_id", -1), model), gr.Tabs(selected=tab))
+
+    return handler
+
+
 def answers_html(results: dict | None, only_wrong: bool = False, limit: int = 300) -> str:
     """Each item's question, expected answer and every condition's reply side by side; wrong replies
-    on a red background, boxes that could not be read marked."""
+    on a red background, boxes that could not be read marked. A record of a store dataset with a wrong
+    reply links to its conversation in the Annotate tab."""
     if not results:
         return "<p>No results yet.</p>"
+    store = store_dataset(results)
     keys = [c["key"] for c in results["conditions"]]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     rows = []
@@ -151,7 +196,10 @@ def answers_html(results: dict | None, only_wrong: bool = False, limit: int = 30
                 note += f"<br><small>not in the image: {html.escape(', '.join(a['hallucinated']))}</small>"
             cls = "eval-right" if a["correct"] else "eval-wrong"
             cells.append(f"<td class='{cls}'>{html.escape(a['reply'])}{note}</td>")
-        rows.append(f"<tr><td>{html.escape(str(item['record_id']))}</td><td>{html.escape(item['qtype'])}</td>"
+        record = html.escape(str(item["record_id"]))
+        if store and str(item["record_id"]).isdigit() and not all(a["correct"] for a in answers):
+            record += record_link(store, item["record_id"])
+        rows.append(f"<tr><td>{record}</td><td>{html.escape(item['qtype'])}</td>"
                     f"<td>{html.escape(item['question'])}</td><td>{html.escape(item['expected'])}</td>{''.join(cells)}</tr>")
         if len(rows) >= limit:
             break
@@ -237,7 +285,7 @@ def build(ctx: AppContext):
         chair_plot = gr.Image(label="CHAIR_i vs description length", type="filepath", elem_id="eval-chair-plot")
     comparisons = gr.Markdown(elem_id="eval-comparisons")
     only_wrong = gr.Checkbox(False, label="only records with a wrong answer")
-    answers = gr.HTML(elem_id="eval-answers")
+    answers = gr.HTML(elem_id="eval-answers", js_on_load=OPEN_RECORD_JS)
     with gr.Accordion("Compare earlier evaluations", open=False):
         compare_pick = gr.Dropdown(run_choices(manager), multiselect=True, label="Evaluations", elem_id="eval-compare")
         compare_table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, elem_id="eval-compare-table")
@@ -258,26 +306,31 @@ def build(ctx: AppContext):
         run = manager.cancel(int(run_id))
         return f"Evaluation {run.id}: {run.status}" + (" (stopping)" if not run.finished else "")
 
-    def refresh(run_id, wrong, st):
-        """Runs table and the chosen evaluation; the heavy views only when its state changed."""
+    def refresh(run_id, wrong, st, shown):
+        """Runs table, the pickers' labels when a status changed, and the chosen evaluation (the heavy
+        views only when its state changed)."""
         rows = runs_rows(manager)
+        picker, shown = fresh_choices(manager, shown)
+        pickers = (picker, picker, shown)
         if run_id in (None, ""):
-            return rows, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), st
+            return rows, *pickers, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), st
         run = manager.get(int(run_id))
         seen = (run.id, run.status, run.status in FINISHED)
         if st == seen:
-            return rows, status_text(manager, run_id), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), st
-        return (rows, *result_view(manager, run_id, wrong), seen if run.finished else st)
+            return rows, *pickers, status_text(manager, run_id), *[gr.skip()] * 5, st
+        return (rows, *pickers, *result_view(manager, run_id, wrong), seen if run.finished else st)
 
     form = [models, dataset, n_shapes, shapes_seed, noise, grounding, modes, temperature, top_p, num_beams, hsa,
             max_new_tokens, limit, name]
     seen = gr.State(None)
+    labels = gr.State(run_choices(manager))  # the pickers' labels as last sent
     start_button.click(on_start, form, [message, chosen, runs_table])
     cancel_button.click(on_cancel, chosen, message)
     view = [status, table, accuracy_plot, chair_plot, comparisons, answers]
     chosen.change(lambda r, w: result_view(manager, r, w), [chosen, only_wrong], view)
     only_wrong.change(lambda r, w: answers_html(load_results(manager, r), w), [chosen, only_wrong], answers)
-    timer.tick(refresh, [chosen, only_wrong, seen], [runs_table, *view, seen], show_progress="hidden")
+    timer.tick(refresh, [chosen, only_wrong, seen, labels], [runs_table, chosen, compare_pick, labels, *view, seen],
+               show_progress="hidden")
     compare_pick.focus(lambda: gr.Dropdown(choices=run_choices(manager)), None, compare_pick)
     compare_pick.change(lambda ids: compare_rows(manager, ids), compare_pick, compare_table)
-    return chosen
+    return SimpleNamespace(chosen=chosen, answers=answers)  # app.py wires answers.eval_open_record to Annotate
