@@ -273,7 +273,9 @@ def test_build_command_makes_a_loadable_checkpoint(tmp_path):
     assert "3/3" in done.stderr and "2/2" in done.stderr  # both stages' progress bars ran to the end
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
             "build.json"} <= {p.name for p in out.iterdir()}
-    clean, noisy = json.loads((out / "build.json").read_text())["stages"]
+    record = json.loads((out / "build.json").read_text())
+    clean, noisy = record["stages"]
+    assert record["threads"] == 1  # what it ran with, not the stages' null for "torch's default"
     assert (clean["steps"], clean["noise"]["rate"]) == (3, 0.0)
     assert (noisy["steps"], noisy["hsa"], noisy["noise"]["rate"]) == (2, True, shapes.TRAIN_NOISE.rate)
     assert "Qwen2VLForConditionalGeneration ImageOnlyQwen2VLProcessor torch.float32" in load_in_fresh_interpreter(out)

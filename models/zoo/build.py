@@ -420,6 +420,7 @@ def save(model, processor, out_dir: str | Path, stages: list[BuildSettings], his
     processor.save_pretrained(out_dir)
     (out_dir / "build.json").write_text(json.dumps(
         {"stages": [stage.to_dict() for stage in stages], "seconds": None if seconds is None else round(seconds),
+         "threads": torch.get_num_threads(),  # what the build ran with (a stage's `threads` None: torch's default)
          "final_loss": history[-1][1] if history else None,
          "loss_every_50": [round(loss, 4) for step, loss in history if step % 50 == 0]}, indent=1))
     return out_dir
