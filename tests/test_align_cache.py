@@ -116,13 +116,19 @@ def test_a_change_to_the_processor_is_a_new_entry(processor, shapes_dir, tmp_pat
     assert key(records, load_processor(str(copy)), shapes_dir) != key(records, processor, shapes_dir)
 
 
-def test_a_change_to_the_alignment_code_is_a_new_entry(processor, shapes_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", ["align", "roles", "processor class"])
+def test_a_change_to_the_alignment_code_is_a_new_entry(processor, shapes_dir, tmp_path, monkeypatch, code):
     records = records_of(shapes_dir)
     before = key(records, processor, shapes_dir)
-    changed = tmp_path / "align.py"
-    changed.write_text(Path(align.__file__).read_text() + "\n# a change\n")
-    monkeypatch.setattr(align, "__file__", str(changed))
-    assert key(records, processor, shapes_dir) != before
+    module = {"align": align, "roles": sys.modules[align.parse_role.__module__],
+              "processor class": sys.modules[type(processor).__module__]}[code]
+    changed = data.PROJECT_ROOT / "models" / f".test_changed_{tmp_path.name}.py"  # inside the project, as the code is
+    try:
+        changed.write_text(Path(module.__file__).read_text() + "\n# a change\n")
+        monkeypatch.setattr(module, "__file__", str(changed))
+        assert key(records, processor, shapes_dir) != before
+    finally:
+        changed.unlink(missing_ok=True)
 
 
 KILLED_WRITER = """

@@ -10,7 +10,8 @@ one file in a cache folder whose name is a hash of everything the result depends
   the bytes of every image they name (an image's size decides how many image tokens it gets);
 - the processor: its tokenizer (vocabulary, normalizer, added tokens), chat templates and image
   processor settings, read from the loaded processor, so a copy of a model elsewhere shares the entry;
-- the alignment code: the source of models/data/align.py and of this module, the library versions;
+- the alignment code: the source of models/data/align.py, of the role definitions (models.hsa) and of
+  this module, the project's own processor class where one is used, the library versions;
 - max_length.
 
 Epochs, resumes and later runs on the same data and processor read the file back; `PadCollator` then
@@ -25,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ import models.data.align as align
 from models.data.align import Aligned, AlignError, Conversation, HSACollator, align_record, pad_batch, pad_token_id
 
 FORMAT = 1  # the layout of a cache file; the source hash below changes with it anyway
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUFFIX = ".pt"
 
 
@@ -98,6 +101,12 @@ def processor_fingerprint(processor) -> str:
         add("image_processor", image_processor.to_json_string())
     for attr in ("image_token", "image_token_id", "video_token", "num_image_tokens"):
         add(attr, getattr(processor, attr, None))
+    # the processor's own code where it is this project's (models.vlm.processor's image-only Qwen2-VL
+    # processor decides the image grid); library classes are covered by the library versions
+    for module in sorted({type(processor).__module__, type(tokenizer).__module__, type(image_processor).__module__}):
+        source = getattr(sys.modules.get(module), "__file__", None)
+        if source and Path(source).resolve().is_relative_to(PROJECT_ROOT) and "site-packages" not in Path(source).parts:
+            add(module, Path(source).read_bytes())
     return h.hexdigest()
 
 
@@ -107,7 +116,8 @@ def code_fingerprint() -> str:
     import transformers
 
     h = hashlib.sha256()
-    for source in (align.__file__, __file__):
+    roles = sys.modules[align.parse_role.__module__].__file__  # the role names and numbers (models.hsa)
+    for source in (align.__file__, roles, __file__):
         h.update(Path(source).read_bytes())
     h.update(f"{FORMAT} {transformers.__version__} {tokenizers.__version__}".encode())
     return h.hexdigest()
