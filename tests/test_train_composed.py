@@ -141,7 +141,7 @@ def test_the_train_tab_runs_both_stages_merges_and_offers_each_result_in_chat(tm
     shutil.copytree(shapes_data / "shapes", ctx.workspace / "shapes")
     manager = tab.manager_of(ctx)
     try:
-        presets = {name: dict(zip(tab.FORM_FIELDS, tab.preset_values(name))) for name in tab.PRESETS}
+        presets = {name: tab.preset_values(name) for name in tab.PRESETS}
         align = presets["Align · composed default (projector only)"]
         align.update(base_model=str(composed), dataset="captions.jsonl", max_steps=2, extra="", eval_split=0)
         config, _ = tab.form_config(ctx, align)

@@ -132,7 +132,7 @@ def test_the_train_tab_refuses_them_before_starting(tmp_path):
 
     ctx = AppContext.create(tmp_path / "ws")
     (ctx.workspace / "shapes.json").write_text(json.dumps(records(3)))
-    values = dict(zip(tab.FORM_FIELDS, tab.preset_values(next(iter(tab.PRESETS)))))
+    values = tab.preset_values(next(iter(tab.PRESETS)))
     values.update(dataset="shapes.json", extra="")
     try:
         for change, named in [({"nproc": 1000}, "nproc 1000"), ({"extra": '{"learning_rate": NaN}'}, "learning_rate"),

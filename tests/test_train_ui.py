@@ -24,17 +24,17 @@ def ctx(tmp_path):
 
 
 def form(**overrides) -> dict:
-    values = dict(zip(tab.FORM_FIELDS, tab.preset_values(next(iter(tab.PRESETS)))))
+    values = tab.preset_values(next(iter(tab.PRESETS)))
     values.update(dataset="shapes.json", extra="")
     values.update(overrides)
     return values
 
 
 def test_presets_fill_the_form_and_qlora_targets_a_3b_vlm_in_4bit():
-    lora = dict(zip(tab.FORM_FIELDS, tab.preset_values("LoRA · default model (CPU friendly)")))
+    lora = tab.preset_values("LoRA · default model (CPU friendly)")
     assert lora["base_model"] == "default" and lora["quantization"] == "none" and lora["hsa"] is True
     assert lora["lora_target"] == ", ".join(DEFAULT_LORA_TARGETS)
-    qlora = dict(zip(tab.FORM_FIELDS, tab.preset_values("QLoRA · Qwen2.5-VL-3B on one GPU")))
+    qlora = tab.preset_values("QLoRA · Qwen2.5-VL-3B on one GPU")
     assert qlora["base_model"] == "Qwen/Qwen2.5-VL-3B-Instruct" and qlora["quantization"] == "4bit"
     assert qlora["finetuning"] == "lora" and qlora["max_steps"] == -1 and qlora["grad_accum"] > 1
 

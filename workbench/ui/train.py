@@ -56,7 +56,7 @@ PRESETS: dict[str, dict] = {
         "max_length": 1024, "hsa": True, "eval_split": 0.1, "nproc": 1,
     },
 }
-# the form's fields, in the order of `build`'s inputs
+# the form's fields: `build` makes one widget per name, and handlers get and give values by these names
 FORM_FIELDS = ["base_model", "dataset", "stage", "finetuning", "quantization", "merge", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target", "learning_rate", "lr_scheduler", "warmup", "epochs", "max_steps", "batch_size",
                "grad_accum", "max_length", "hsa", "seed", "eval_split", "nproc", "extra"]
@@ -76,18 +76,12 @@ def manager_of(ctx: AppContext) -> RunManager:
 
 # ---- the form -----------------------------------------------------------------------------------
 
-def preset_values(name: str) -> list:
-    """Form values for a preset, in FORM_FIELDS order (dataset and extra are left as they are)."""
+def preset_values(name: str) -> dict:
+    """A preset's form values by field name (dataset and extra are not a preset's: they stay as they are)."""
     preset = {**DEFAULTS, "nproc": 1, **PRESETS[name]}
-    values = []
-    for key in FORM_FIELDS:
-        if key in ("dataset", "extra"):
-            values.append(gr.update())
-        elif key == "lora_target":
-            target = preset["lora_target"]
-            values.append(target if isinstance(target, str) else ", ".join(target))
-        else:
-            values.append(preset[key])
+    values = {key: preset[key] for key in FORM_FIELDS if key not in ("dataset", "extra")}
+    if not isinstance(values["lora_target"], str):
+        values["lora_target"] = ", ".join(values["lora_target"])
     return values
 
 
@@ -695,21 +689,28 @@ def build(ctx: AppContext) -> TrainTab:
                                     elem_id="train-chat-model")
     timer = gr.Timer(2.0)
 
-    form = [base_model, dataset, stage, finetuning, quantization, merge, lora_r, lora_alpha, lora_dropout, lora_target,
-            learning_rate, lr_scheduler, warmup, epochs, max_steps, batch_size, grad_accum, max_length, hsa, seed,
-            eval_split, nproc, extra]
+    # the form by field name; handlers take it as a set of inputs (Gradio passes {component: value})
+    form = dict(base_model=base_model, dataset=dataset, stage=stage, finetuning=finetuning, quantization=quantization,
+                merge=merge, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target,
+                learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup=warmup, epochs=epochs,
+                max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, hsa=hsa,
+                seed=seed, eval_split=eval_split, nproc=nproc, extra=extra)
+    assert set(form) == set(FORM_FIELDS), "the form's widgets and FORM_FIELDS disagree"
 
-    def values_of(*args) -> dict:
-        assert len(args) == len(FORM_FIELDS), "the form's widgets and FORM_FIELDS disagree"
-        return dict(zip(FORM_FIELDS, args))
+    def values_of(data: dict) -> dict:
+        return {key: data[widget] for key, widget in form.items()}
 
-    def on_preview(*args):
-        command, config, problems = preview(ctx, values_of(*args))
+    def on_preset(name):
+        return {form[key]: value for key, value in preset_values(name).items()}
+
+    def on_preview(data):
+        command, config, problems = preview(ctx, values_of(data))
         return command, config, problems
 
-    def on_start(run_name, *args):
-        command, config, problems = preview(ctx, values_of(*args))
-        run_id, text = start_run(ctx, values_of(*args), run_name)
+    def on_start(data):
+        run_name = data[name]
+        command, config, problems = preview(ctx, values_of(data))
+        run_id, text = start_run(ctx, values_of(data), run_name)
         if run_id is None:
             return command, config, text, gr.update(), gr.update(), gr.update()
         run = manager.get(run_id)
@@ -774,9 +775,9 @@ def build(ctx: AppContext) -> TrainTab:
         progress(0.1, desc="merging the adapter into its base…")
         return merge_run(manager, run_id)
 
-    preset.change(preset_values, preset, form)
-    preview_button.click(on_preview, form, [command_box, config_box, message])
-    start_button.click(on_start, [name, *form], [command_box, config_box, message, runs_table, selected, chat_model])
+    preset.change(on_preset, preset, list(form.values()))
+    preview_button.click(on_preview, set(form.values()), [command_box, config_box, message])
+    start_button.click(on_start, {name, *form.values()}, [command_box, config_box, message, runs_table, selected, chat_model])
     runs_table.select(on_select_row, runs_table, selected)
     view_outputs = [summary, plot, log, run_config, gates_plot]
     selected.change(lambda run_id: run_view(manager, run_id), selected, view_outputs)
