@@ -49,6 +49,14 @@ def test_start_a_run_and_watch_the_loss_curve_grow(train_tab, page):
     url, workspace = train_tab
     page.goto(url)
     page.locator("#train-dataset textarea").fill("shapes.json")
+    # a preset fills the form by field name and leaves the dataset alone
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name="QLoRA · Qwen2.5-VL-3B on one GPU").click()
+    page.wait_for_function("document.querySelector('#train-base-model textarea').value === 'Qwen/Qwen2.5-VL-3B-Instruct'")
+    assert page.locator("#train-dataset textarea").input_value() == "shapes.json"
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name="LoRA · default model (CPU friendly)").click()
+    page.wait_for_function("document.querySelector('#train-base-model textarea').value === 'default'")
     page.locator("#train-max-steps input").fill("2000")
     page.locator("#train-name textarea").fill("from the browser")
     page.locator("#train-preview").click()
