@@ -61,7 +61,7 @@ def build_app(ctx):
                     "see the attention mask they make, train under it, and chat with the result.")
         with gr.Tabs() as tabs:
             with gr.Tab("Annotate", id="annotate"):
-                annotate_tab = annotate.build(ctx)
+                annotate_tab = annotate.build(ctx, app)
             with gr.Tab("Masks & Attention", id="masks"):
                 with gr.Tabs():
                     with gr.Tab("HSA mask", id="mask"):

@@ -15,9 +15,10 @@ from models.hsa import GLOBAL, LANDMARK, NOISE
 from models.data.align import Span, align_record
 from workbench.store import Store, import_records
 from workbench.store.suggest import model_suggestions, rule_suggestions
-from workbench.ui.annotate import (WORDS, Annotator, TokenView, code_point_to_utf16, page_of_turn, render_view,
-                                   selection_from_browser, snap, token_view, utf16_table, utf16_to_code_point,
-                                   view_pages, word_view)
+from workbench.ui.annotate_view import (WORDS, TokenView, code_point_to_utf16, page_of_turn, render_view,
+                                        selection_from_browser, snap, token_view, utf16_table, utf16_to_code_point,
+                                        view_pages, word_view)
+from workbench.ui.annotator import Annotator
 
 TRICKY = "红色的圆 🙂 👍🏽 e\u0301 👨‍👩‍👧 ok\nnext"
 
@@ -204,7 +205,7 @@ def test_navigation_filter_search_and_progress(store):
     annotator.edit(ids[2], 1, "ann", WORDS, "turn_role", {"turn": 0, "role": 2})
     assert annotator.navigate("d", "labelled", "", -1) == (ids[2], "1 / 1")
     assert annotator.navigate("d", "unlabelled", "", ids[0], step=2) == (ids[3], "3 / 4")
-    from workbench.ui.annotate import progress_text
+    from workbench.ui.annotator import progress_text
     assert "1 / 5 conversations labelled" in progress_text(store, "d")
 
 
@@ -361,7 +362,7 @@ def test_rename_and_delete_with_confirmation_and_a_backup_that_imports_back(stor
 
 def test_the_conversation_table_pages_and_marks_the_open_one(store):
     """Issue 20.5: number, first words, labelled or not, last editor; the page of the open one."""
-    from workbench.ui.annotate import PAGE_SIZE
+    from workbench.ui.annotator import PAGE_SIZE
 
     ids = add(store, *[rec(f"Question number {i} about the circle") | {"labelled": False} for i in range(PAGE_SIZE + 3)])
     store.set_span(ids[PAGE_SIZE + 1], 0, 0, 3, NOISE, expected_version=1, author="ann")

@@ -42,7 +42,7 @@ LAUNCHER = textwrap.dedent("""
     ctx = AppContext.create({workspace!r}, default_model={model!r})
     with gr.Blocks(title="annotate") as demo:
         with gr.Tab("Annotate"):
-            annotate.build(ctx)
+            annotate.build(ctx, demo)
     demo.queue().launch(server_port={port}, allowed_paths=[str(ctx.workspace)])
 """)
 

@@ -18,6 +18,7 @@ from workbench.evaluate import TABLE_HEADERS, ConfigError, parse_config, table_r
 from workbench.evaluate.run import RESULTS_NAME
 from workbench.jobs import FINISHED, RunManager
 from workbench.ui.context import AppContext
+from workbench.ui.events import event_payload
 from workbench.ui.train import manager_for
 
 MODES = ["greedy", "sample", "beam"]
@@ -165,7 +166,7 @@ def open_in(open_record, tab: str):
     """The handler of a click on "open in Annotate": `open_record(dataset, conv_id, model)`'s updates,
     then the tab `tab` selected."""
     def handler(model, evt: gr.EventData):
-        data = evt._data or {}
+        data = event_payload(evt, "dataset", "conv_id")
         return (*open_record(data.get("dataset"), data.get("conv_id", -1), model), gr.Tabs(selected=tab))
 
     return handler
