@@ -4,6 +4,7 @@ tests/test_web.py checks them on a running workbench."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import time
 
@@ -24,6 +25,13 @@ class Clock:
     def __call__(self):
         return self.now
 
+
+
+def run(coroutine):
+    """asyncio.run in a thread of its own: the browser tests' Playwright (sync API) keeps an event loop
+    running in the main thread for the rest of the session, where asyncio.run refuses to start."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 def login_app(clock, delay=0.0, **limits):
     async def login(request):
@@ -46,29 +54,29 @@ async def attempt(app, password="guess", client=("10.0.0.1", 1234)):
 def test_failures_past_the_free_ones_wait_longer_each_time():
     clock = Clock()
     app = login_app(clock, free=3, first_wait_s=1, max_wait_s=8)
-    codes = [asyncio.run(attempt(app)).status_code for _ in range(10)]
+    codes = [run(attempt(app)).status_code for _ in range(10)]
     assert codes == [400, 400, 400] + [429] * 7
     waits = []
     for _ in range(6):  # each wait is over; the next guess fails and doubles it, up to the cap
-        refused = asyncio.run(attempt(app))
+        refused = run(attempt(app))
         waits.append(int(refused.headers["retry-after"]))
         clock.now += waits[-1]
-        assert asyncio.run(attempt(app)).status_code == 400
+        assert run(attempt(app)).status_code == 400
     assert waits == [1, 2, 4, 8, 8, 8]
-    assert asyncio.run(attempt(app, "right")).status_code == 429  # locked: the right one too
+    assert run(attempt(app, "right")).status_code == 429  # locked: the right one too
     # another address is not held up by this one
-    assert asyncio.run(attempt(app, "right", client=("10.0.0.2", 1))).status_code == 200
+    assert run(attempt(app, "right", client=("10.0.0.2", 1))).status_code == 200
     clock.now += 8
-    assert asyncio.run(attempt(app, "right")).status_code == 200  # clears the count
-    assert [asyncio.run(attempt(app)).status_code for _ in range(4)] == [400, 400, 400, 429]
+    assert run(attempt(app, "right")).status_code == 200  # clears the count
+    assert [run(attempt(app)).status_code for _ in range(4)] == [400, 400, 400, 429]
 
 
 def test_failures_are_forgotten_after_a_quiet_while():
     clock = Clock()
     app = login_app(clock, free=2, forget_s=60)
-    assert [asyncio.run(attempt(app)).status_code for _ in range(3)] == [400, 400, 429]
+    assert [run(attempt(app)).status_code for _ in range(3)] == [400, 400, 429]
     clock.now += 61
-    assert [asyncio.run(attempt(app)).status_code for _ in range(3)] == [400, 400, 429]
+    assert [run(attempt(app)).status_code for _ in range(3)] == [400, 400, 429]
 
 
 def test_parallel_guesses_get_no_more_tries():
@@ -77,7 +85,7 @@ def test_parallel_guesses_get_no_more_tries():
     async def many():
         return await asyncio.gather(*(attempt(app) for _ in range(20)))
 
-    codes = sorted(r.status_code for r in asyncio.run(many()))
+    codes = sorted(r.status_code for r in run(many()))
     assert codes.count(400) == 3 and codes.count(429) == 17
 
 
@@ -101,9 +109,9 @@ def test_other_sites_are_refused_scripts_and_own_pages_pass():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://wb:7860") as http:
             return (await http.post("/x", headers=headers)).status_code
 
-    assert asyncio.run(post()) == 200
-    assert asyncio.run(post(Origin="http://wb:7860")) == 200
-    assert asyncio.run(post(Origin="http://evil.example")) == 403
+    assert run(post()) == 200
+    assert run(post(Origin="http://wb:7860")) == 200
+    assert run(post(Origin="http://evil.example")) == 403
 
 
 @pytest.mark.parametrize("name,served_as", [("a.png", "image/png"), ("a.jpg", "image/jpeg"),
@@ -122,7 +130,7 @@ def test_served_files_are_images_or_downloads(tmp_path, name, served_as):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://wb") as http:
             return await http.get(f"/gradio_api/file={tmp_path / name}")
 
-    response = asyncio.run(get())
+    response = run(get())
     assert response.headers["content-type"].split(";")[0] == served_as
     disposition = response.headers["content-disposition"]
     assert disposition.startswith("inline" if served_as.startswith("image/") else "attachment")
