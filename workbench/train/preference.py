@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 
-import torch
-from transformers import PrinterCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, TrainingArguments
 
 from models.vlm.processor import load_processor
 from models.data.align import AlignError
@@ -124,12 +122,7 @@ def load_reference(config: TrainConfig):
 
 def train(config: TrainConfig) -> dict:
     """One DPO / NCA run; returns a summary (also written to output_dir/train_summary.json)."""
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
-    if rank0:
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    set_seed(config.seed)
+    out, rank0 = run.prepare_run(config)  # the threads key applies here too
 
     records = load_pairs(config)
     train_records, eval_records = run.split_records(records, config.eval_split, config.seed)

@@ -337,8 +337,9 @@ def checkpoint_to_resume(config: TrainConfig) -> str | None:
     return None
 
 
-def train(config: TrainConfig) -> dict:
-    """Run one training; returns a summary (also written to output_dir/train_summary.json)."""
+def prepare_run(config: TrainConfig) -> tuple[Path, bool]:
+    """What every kind of run does first: its output folder made, the config written there (rank 0), the
+    seed and the thread count set. Returns (output folder, whether this process is rank 0)."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -347,6 +348,12 @@ def train(config: TrainConfig) -> dict:
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
+    return out, rank0
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one training; returns a summary (also written to output_dir/train_summary.json)."""
+    out, rank0 = prepare_run(config)
 
     records = load_records(config)
     processor = load_processor(config.base_model)
