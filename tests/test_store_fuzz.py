@@ -282,7 +282,7 @@ def test_thousands_of_hostile_records_are_refused_by_name_and_the_valid_ones_sto
     assert len(api.by_attack) == len(ATTACKS) + len(TEXT_ATTACKS)  # every attack was tried and refused
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_many_more_hostile_records(tmp_path, seed):
@@ -291,7 +291,7 @@ def test_many_more_hostile_records(tmp_path, seed):
     assert api.crashed == 0 and upload.crashed == 0
 
 
-@pytest.mark.slow  # nine processes (test_store_hostile runs the command on a FIFO and a NUL byte in every run)
+@pytest.mark.stress  # nine processes (test_store_hostile runs the command on a FIFO and a NUL byte in every run)
 @pytest.mark.timeout(300)
 def test_the_command_never_prints_a_traceback_for_hostile_files(tmp_path):
     """The real command on the fuzz file and on hostile files: a FIFO, a device, a folder, binary data,

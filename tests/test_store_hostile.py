@@ -349,7 +349,7 @@ def test_an_import_killed_mid_batch_then_run_again_stores_each_record_once_and_l
     check_whole_after_kills(records, db_path, image_dir, done)
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 def test_many_imports_killed_mid_batch(tmp_path):
     records, db_path, image_dir, landed, done = run_killed_imports(tmp_path, n_records=2000, kills=6)
     assert landed >= 3
