@@ -143,14 +143,14 @@ def test_stop_says_the_reply_stopped(workbench_url, page, scene_png):
     stop = page.locator("#chat-input button.stop-button, #chat-input button[aria-label*='top' i]").first
     # the tiny model may finish its reply before the click lands: then ask again, as a person would
     for attempt in range(5):
-        send(page, "Describe the picture.", scene_png if attempt == 0 else None)
+        send(page, "Describe the picture.", scene_png if attempt == 0 else None)  # waits for the last reply's end
         try:
             stop.wait_for(timeout=30_000)
             stop.click(timeout=2_000)
-            page.wait_for_selector("#chat-status:has-text('Stopped')", timeout=5_000)
-            break
         except PlaywrightTimeout:
-            continue
+            continue  # the reply ended first: no stop was sent
+        page.wait_for_selector("#chat-status:has-text('Stopped')", timeout=30_000)
+        break
     else:
         raise AssertionError(f"no reply could be stopped in 5 tries; status: {page.inner_text('#chat-status')!r}")
     page.wait_for_timeout(2000)
