@@ -2,7 +2,6 @@
 import pytest
 
 from conftest import screenshot
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 pytestmark = pytest.mark.browser
 
@@ -137,26 +136,38 @@ def test_a_model_that_cannot_load_marks_the_message_failed(workbench_url, page, 
     assert "The blue shape is a circle." in page.inner_text("#chat-a")
 
 
-@pytest.mark.xfail(strict=False, reason="racy on a fast machine: the tiny model can end its reply around the Stop "
-                   "click (failed in 3 of 5 fresh-clone CI runs on 2026-12-01); to be made deterministic")
-def test_stop_says_the_reply_stopped(workbench_url, page, scene_png):
-    """Issue 20.14: after Stop the status no longer says the model is answering."""
+@pytest.fixture(scope="module")
+def long_winded_model(tmp_path_factory):
+    """The default VLM with `min_new_tokens` in its generation config: every reply runs to the token
+    limit (seconds), so a Stop always lands while the model is still answering."""
+    import json
+    import shutil
+
+    from workbench.ui.context import DEFAULT_VLM
+
+    model = shutil.copytree(DEFAULT_VLM, tmp_path_factory.mktemp("slow") / "model")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(config | {"min_new_tokens": 1024}))
+    return model
+
+
+def test_stop_says_the_reply_stopped(workbench_url, page, scene_png, long_winded_model):
+    """Issue 20.14: after Stop the status no longer says the model is answering, and the reply stops
+    growing (the generation ended, not just its display)."""
     open_chat(page, workbench_url)
-    stop = page.locator("#chat-input button.stop-button, #chat-input button[aria-label*='top' i]").first
-    # the tiny model may finish its reply before the click lands: then ask again, as a person would
-    for attempt in range(5):
-        send(page, "Describe the picture.", scene_png if attempt == 0 else None)  # waits for the last reply's end
-        try:
-            stop.wait_for(timeout=30_000)
-            stop.click(timeout=2_000)
-        except PlaywrightTimeout:
-            continue  # the reply ended first: no stop was sent
-        page.wait_for_selector("#chat-status:has-text('Stopped')", timeout=30_000)
-        break
-    else:
-        raise AssertionError(f"no reply could be stopped in 5 tries; status: {page.inner_text('#chat-status')!r}")
+    pick(page, "#chat-model", str(long_winded_model))
+    page.get_by_text("Decoding", exact=True).click()
+    tokens = page.locator("#chat-max-new-tokens input[type=number]")
+    tokens.fill("1024")
+    tokens.press("Enter")
+    send(page, "Describe the picture.", scene_png)
+    page.wait_for_selector("#chat-status:has-text('is answering')", timeout=60_000)
+    page.locator("#chat-input button.stop-button, #chat-input button[aria-label*='top' i]").first.click()
+    page.wait_for_selector("#chat-status:has-text('Stopped')", timeout=30_000)
+    reply = page.inner_text("#chat-a")
     page.wait_for_timeout(2000)
     assert "is answering" not in page.inner_text("#chat-status")
+    assert page.inner_text("#chat-a") == reply, "the reply kept growing after Stop"
     page.wait_for_selector("#chat-input textarea:not([disabled])", timeout=30_000)
 
 

@@ -81,9 +81,13 @@ def answer(backend: ChatBackend, st: dict, choices: list[str], system: str, hsa_
         reply = ChatTurn("assistant", "", model=choice, settings=asdict(settings) | {"hsa": bool(hsa_on)})
         history.append(reply)
         try:
+            # the status is said once per model, not with every piece: a piece already on its way when
+            # Stop cancels the stream must not overwrite the "Stopped" that Stop shows
+            status = f"{choice} is answering…"
             for piece in backend.stream(choice, history[:-1], system, settings, hsa_on):
                 reply.text += piece
-                yield st, f"{choice} is answering…"
+                yield st, status
+                status = gr.skip()
         except Exception as error:
             history.pop()
             reason = "ran out of memory" if is_out_of_memory(error) else f"failed: {error}"
@@ -152,7 +156,7 @@ def build(ctx: AppContext, backend: ChatBackend | None = None):
     with gr.Accordion("Decoding", open=False):
         with gr.Row():
             mode = gr.Radio(["greedy", "sample", "beam"], value="greedy", label="Mode")
-            max_new_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens")
+            max_new_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens", elem_id="chat-max-new-tokens")
             repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
         with gr.Row():
             temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sample)")
