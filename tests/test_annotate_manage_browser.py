@@ -73,9 +73,6 @@ def upload(page, path):
     page.locator("#annotate-import").click()
 
 
-@pytest.mark.xfail(strict=False, reason="racy: the page remembers the conversation by a separate conv_id.change "
-                   "event, and a reload right after opening can land before it (failed in 1 of 5 fresh-clone CI runs "
-                   "on 2026-12-01, and under load); to be fixed by writing the memory in the navigation response")
 def test_import_a_zip_browse_the_list_and_come_back_after_a_reload(page, app):
     url, db, files = app
     page.goto(url)

@@ -142,12 +142,16 @@ def build(ctx, blocks: gr.Blocks):
     def open_conversation(dataset_value, status_value, search_value, current, model_value, step=None, jump_to=None):
         try:
             cid, position = annotator.navigate(dataset_value, status_value, search_value, current, step, jump_to)
-            return (*present(annotator.show(cid, model_value)), position, progress_text(store, dataset_value), "",
-                    *listing(dataset_value, status_value, search_value, cid))
+            shown_now = present(annotator.show(cid, model_value))
+            # this browser remembers what it has open in the same response: a reload right after lands here
+            remembered = {"dataset": dataset_value, "conv_id": shown_now[0]}
+            return (*shown_now, position, progress_text(store, dataset_value), "",
+                    *listing(dataset_value, status_value, search_value, cid), remembered)
         except StoreError as e:
-            return (*present(annotator.show(-1, model_value, status=f"⚠️ {e}")), "0 / 0", "", "", [], [], "", 0)
+            return (*present(annotator.show(-1, model_value, status=f"⚠️ {e}")), "0 / 0", "", "", [], [], "", 0,
+                    gr.skip())
 
-    nav_outputs = [*shown, where, progress_md, suggestion, table, page_ids, page_label, page_number]
+    nav_outputs = [*shown, where, progress_md, suggestion, table, page_ids, page_label, page_number, memory]
     nav_inputs = [dataset, status_filter, search, conv_id, model]
     # .input, not .change: a dataset set by a handler (page load, import, rename) opens its own conversation
     dataset.input(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
@@ -158,7 +162,6 @@ def build(ctx, blocks: gr.Blocks):
     next_button.click(lambda d, s, q, c, m: open_conversation(d, s, q, c, m, 1), nav_inputs, nav_outputs)
     jump.submit(lambda d, s, q, c, m, j: open_conversation(d, s, q, c, m, jump_to=j or 1),
                 [*nav_inputs, jump], nav_outputs)
-    conv_id.change(lambda d, c: {"dataset": d, "conv_id": c}, [dataset, conv_id], memory)
 
     def open_row(d, s, q, c, m, ids, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
