@@ -356,7 +356,8 @@ def test_confusion_figure_shows_counts_and_row_shares():
     figure = A.confusion_figure(matrix, title="ann vs bob")
     heatmap = figure.data[0]
     assert heatmap.type == "heatmap" and list(heatmap.x) == list(A.ROLE_LABELS)
-    assert heatmap.text[0][0] == "8<br>80.0%" and heatmap.text[1][1] == "3<br>75.0%" and heatmap.text[2][2] == "0<br>—"
+    assert heatmap.text[0][0] == "8<br>80.0%" and heatmap.text[1][1] == "3<br>75.0%"
+    assert heatmap.text[2][2] == "0<br>—"  # nobody gave that role: no share to show
     assert np.allclose(np.array(heatmap.z, dtype=float)[0], [0.8, 0.2, 0.0])
     assert "ann vs bob: 14 units" in figure.layout.title.text
 
@@ -465,3 +466,18 @@ def test_merge_refuses_unknown_regions_and_annotators():
         A.merge(conv, annotations, {(0, 0, 3): "zed"}, "ann")
     with pytest.raises(ValueError, match="default annotator"):
         A.merge(conv, annotations, {}, "zed")
+
+
+def test_spans_of_the_turns_own_role_can_split_tokens_where_characters_agree(bpe_tokenizer):
+    """A span of the turn's role changes nothing per character but can win a token that a NOISE span
+    touches (align's token_role counts spanned characters): the char units see full agreement, the
+    token units do not, and the merge keeps whichever version it starts from as it is."""
+    conv = Conversation([Turn("user", "The circle is red.")])
+    ann = [(A.GLOBAL, [Span(0, 8, A.GLOBAL), Span(8, 10, A.NOISE)])]
+    bob = [(A.GLOBAL, [Span(8, 10, A.NOISE)])]
+    annotations = {"ann": ann, "bob": bob}
+    assert A.disagreements(conv, annotations) == []
+    assert A.agreement_report([(conv, annotations)]).unanimous == 1.0
+    assert A.token_roles(conv, ann, bpe_tokenizer).tolist() != A.token_roles(conv, bob, bpe_tokenizer).tolist()
+    assert A.agreement_report([(conv, annotations)], unit="token", processor=bpe_tokenizer).unanimous < 1.0
+    assert A.merge(conv, annotations, {}, "ann") == ann and A.merge(conv, annotations, {}, "bob") == bob

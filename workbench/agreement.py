@@ -45,7 +45,8 @@ def _check(conversation: Conversation, labels: Labels, who: str = "labels") -> N
     for t, ((_, spans), turn) in enumerate(zip(labels, conversation.turns)):
         for s in spans:
             if not 0 <= s.start <= s.end <= len(turn.text):
-                raise ValueError(f"{who}: turn {t} span {s.start}..{s.end} is outside its text (length {len(turn.text)})")
+                raise ValueError(f"{who}: turn {t} span {s.start}..{s.end} is outside its text "
+                                 f"(length {len(turn.text)})")
 
 
 def _span_roles(length: int, spans) -> np.ndarray:
@@ -108,6 +109,7 @@ class TokenUnits:
 
 
 def token_units(conversation: Conversation, processor, *, image_root=None) -> TokenUnits:
+    """The tokens of `align_record`'s alignment that carry a turn's text (`char_spans` not None)."""
     aligned = align_record(conversation, processor, image_root=image_root)
     kept = [k for k, span in enumerate(aligned.char_spans) if span is not None]
     return TokenUnits(np.array([aligned.turn_index[k] for k in kept], dtype=np.int64),
@@ -124,8 +126,8 @@ def _roles_of_tokens(conversation: Conversation, units: TokenUnits, labels: Labe
     spanned = np.concatenate([_span_roles(n, spans) for n, (_, spans) in zip(lengths, labels)] or
                              [np.zeros(0, np.int8)])
     start, end = offsets[units.turn] + units.start, offsets[units.turn] + units.end
-    counts = np.stack([np.concatenate([[0], np.cumsum(spanned == r)])[end] -
-                       np.concatenate([[0], np.cumsum(spanned == r)])[start] for r in ROLES], axis=1)
+    spanned_so_far = [np.concatenate([[0], np.cumsum(spanned == r)]) for r in ROLES]
+    counts = np.stack([before[end] - before[start] for before in spanned_so_far], axis=1)  # per token, per role
     most = len(ROLES) - 1 - np.argmax(counts[:, ::-1], axis=1)  # argmax takes the first: reversed, the largest id
     turn_roles = np.array([role for role, _ in labels], dtype=np.int64)
     return np.where(counts.sum(axis=1) > 0, most, turn_roles[units.turn]).astype(np.int8)
@@ -288,21 +290,21 @@ def agreement_report(items: Iterable[tuple[Conversation, Annotations]], *, unit:
     if unit == "token" and processor is None:
         raise ValueError("token agreement needs the tokenizer or processor whose tokens to compare")
     blocks, skipped = [], 0  # per conversation: {annotator: roles of its units}
-    for conversation, annotations in items:
-        if len(annotations) < 2:
+    for conversation, by_annotator in items:
+        if len(by_annotator) < 2:
             skipped += 1
             continue
-        for who, labels in annotations.items():
+        for who, labels in by_annotator.items():
             _check(conversation, labels, f"{who}'s labels")
         if unit == "char":
             lengths = [len(turn.text) for turn in conversation.turns]
             keep = _text_mask(conversation)
-            roles = {who: _flat_char_roles(lengths, labels) for who, labels in annotations.items()}
+            roles = {who: _flat_char_roles(lengths, labels) for who, labels in by_annotator.items()}
             if keep is not None:
                 roles = {who: r[keep] for who, r in roles.items()}
         else:
             units = token_units(conversation, processor, image_root=image_root)
-            roles = {who: _roles_of_tokens(conversation, units, labels) for who, labels in annotations.items()}
+            roles = {who: _roles_of_tokens(conversation, units, labels) for who, labels in by_annotator.items()}
         blocks.append(roles)
 
     annotators = tuple(sorted({who for block in blocks for who in block}))
@@ -418,8 +420,11 @@ def merge(conversation: Conversation, annotations: Annotations, choices: Mapping
 
     Each turn is built on one annotator's labels (its turn role and spans): the one chosen for most
     of the turn's disagreeing characters (ties: the default), the default where the turn has none;
-    regions chosen from another annotator take that annotator's spans there. So accepting one
-    annotator everywhere returns exactly their labels, and the result is canonical as the store keeps it."""
+    regions chosen from another annotator take that annotator's spans there. So accepting one annotator
+    wholesale (`merge(conversation, annotations, {}, default=who)`, or choosing them in every region)
+    returns exactly their labels, and every result is canonical as the store keeps it (sorted,
+    disjoint, same-role neighbours joined; spans of the turn's own role are kept, as the store keeps
+    them: they matter to the token roles, see `models.data.align.token_role`)."""
     if default not in annotations:
         raise ValueError(f"default annotator {default!r} has no labels here (annotators: {sorted(annotations)})")
     regions = disagreements(conversation, annotations)
