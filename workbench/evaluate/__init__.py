@@ -8,9 +8,9 @@ ShareGPT / LLaMA-Factory file, "store:NAME" (with `store_db`) or "shapes" (held-
 conversations; `"shapes": {"n", "seed", "noise", "grounding"}`). `decoding` lists modes ("greedy",
 {"mode": "sample", "temperature", "top_p"}, {"mode": "beam", "num_beams"}), `hsa` lists true / false /
 "auto". The metric functions are in `workbench.evaluate.metrics`."""
-from .run import (KEYS, METRICS, RESULTS_NAME, TABLE_HEADERS, ConfigError, Decoding, EvalConfig, Item, evaluate,
+from .run import (KEYS, METRICS, RESULTS_NAME, TABLE_HEADERS, ConfigError, EvalConfig, Item, evaluate,
                   format_table, grade, load_items, main, parse_config, resolve_model, summarize, table_rows)
 
-__all__ = ["EvalConfig", "Decoding", "Item", "ConfigError", "parse_config", "load_items", "evaluate", "grade",
+__all__ = ["EvalConfig", "Item", "ConfigError", "parse_config", "load_items", "evaluate", "grade",
            "summarize", "resolve_model", "table_rows", "format_table", "main", "KEYS", "METRICS", "RESULTS_NAME",
            "TABLE_HEADERS"]

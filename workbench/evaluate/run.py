@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import metrics as M
@@ -32,28 +32,27 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key."""
 
 
-@dataclass
-class Decoding:
-    mode: str = "greedy"
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    num_beams: int = 4
+# A decoding condition is a models.vlm.GenerationSettings; the config names only these of its fields
+# (max_new_tokens is the evaluation's, the sampling seed is per item).
+DECODING_KEYS = ("mode", "temperature", "top_p", "top_k", "num_beams")
 
-    @property
-    def label(self) -> str:
-        if self.mode == "sample":
-            return f"sample T={self.temperature:g} p={self.top_p:g}"
-        if self.mode == "beam":
-            return f"beam {self.num_beams}"
-        return "greedy"
 
-    def settings(self, max_new_tokens: int, seed: int | None):
-        from models.vlm import GenerationSettings
+def _greedy() -> list:
+    from models.vlm import GenerationSettings  # lazily: models.vlm imports torch
 
-        return GenerationSettings(mode=self.mode, max_new_tokens=max_new_tokens, temperature=self.temperature,
-                                  top_p=self.top_p, top_k=self.top_k, num_beams=self.num_beams,
-                                  seed=seed if self.mode == "sample" else None)
+    return [GenerationSettings()]
+
+
+def decoding_label(decoding) -> str:
+    if decoding.mode == "sample":
+        return f"sample T={decoding.temperature:g} p={decoding.top_p:g}"
+    if decoding.mode == "beam":
+        return f"beam {decoding.num_beams}"
+    return "greedy"
+
+
+def decoding_dict(decoding) -> dict:
+    return {key: getattr(decoding, key) for key in DECODING_KEYS}
 
 
 @dataclass
@@ -65,7 +64,7 @@ class EvalConfig:
     image_root: str = ""
     shapes: dict = field(default_factory=dict)  # n, seed, noise (clean/train/heavy), grounding
     limit: int | None = None  # at most this many records of a file or store dataset
-    decoding: list[Decoding] = field(default_factory=lambda: [Decoding()])
+    decoding: list = field(default_factory=_greedy)  # GenerationSettings
     hsa: list = field(default_factory=lambda: ["auto"])  # each: true, false or "auto" (as the model was trained)
     max_new_tokens: int = 48
     synonyms: dict | None = None
@@ -74,27 +73,23 @@ class EvalConfig:
     name: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"decoding": [decoding_dict(d) for d in self.decoding]}
 
 
-def _decoding(value, i: int) -> Decoding:
-    from models.vlm import MODES
+def _decoding(value, i: int):
+    from models.vlm import GenerationSettings
 
     if isinstance(value, str):
         value = {"mode": value}
     if not isinstance(value, dict):
         raise ConfigError(f"decoding[{i}]: a mode name or an object with 'mode', got {value!r}")
-    unknown = set(value) - {"mode", "temperature", "top_p", "top_k", "num_beams"}
+    unknown = set(value) - set(DECODING_KEYS)
     if unknown:
         raise ConfigError(f"decoding[{i}]: unknown keys {sorted(unknown)}")
-    decoding = Decoding(**value)
-    if decoding.mode not in MODES:
-        raise ConfigError(f"decoding[{i}]: mode must be one of {MODES}, got {decoding.mode!r}")
-    if decoding.mode == "sample" and not decoding.temperature > 0:
-        raise ConfigError(f"decoding[{i}]: sampling needs a temperature above 0")
-    if decoding.mode == "beam" and decoding.num_beams < 2:
-        raise ConfigError(f"decoding[{i}]: beam search needs num_beams >= 2")
-    return decoding
+    try:
+        return GenerationSettings(**value)
+    except (TypeError, ValueError) as error:  # the settings' own checks: mode, temperature, beams
+        raise ConfigError(f"decoding[{i}]: {error}") from None
 
 
 def parse_config(raw: dict, base_dir: Path | None = None) -> EvalConfig:
@@ -312,8 +307,8 @@ def summarize(items: list[Item], graded: list[dict], synonyms=None) -> dict:
     return out
 
 
-def condition_key(model: str, hsa: bool, decoding: Decoding) -> str:
-    return f"{model} · HSA {'on' if hsa else 'off'} · {decoding.label}"
+def condition_key(model: str, hsa: bool, decoding) -> str:
+    return f"{model} · HSA {'on' if hsa else 'off'} · {decoding_label(decoding)}"
 
 
 def comparisons(conditions: list[dict], graded: dict[str, list[dict]], items: list[Item], seed: int = 0) -> list[dict]:
@@ -378,14 +373,15 @@ def evaluate(config: EvalConfig, *, pool=None) -> dict:
             key = condition_key(model_name, hsa, decoding)
             rows = []
             for k, item in enumerate(items):
-                settings = decoding.settings(config.max_new_tokens, config.seed + k)
+                settings = replace(decoding, max_new_tokens=config.max_new_tokens,
+                                   seed=config.seed + k if decoding.mode == "sample" else None)
                 reply = generate_reply(model, processor, item.prompt, settings=settings, hsa=hsa,
                                        image_root=item.image_root)
                 rows.append(grade(item, reply, config.synonyms))
                 progress.step(key, rows[-1]["correct"])
             graded[key] = rows
-            conditions.append({"key": key, "model": model_name, "hsa": hsa, "decoding": asdict(decoding),
-                               "decoding_label": decoding.label, "metrics": summarize(items, rows, config.synonyms)})
+            conditions.append({"key": key, "model": model_name, "hsa": hsa, "decoding": decoding_dict(decoding),
+                               "decoding_label": decoding_label(decoding), "metrics": summarize(items, rows, config.synonyms)})
         del model
     results = {"name": config.name, "config": config.to_dict(), "created_at": time.time(),
                "n_records": len({i.record for i in items}), "n_items": len(items), "conditions": conditions,
