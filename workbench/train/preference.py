@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 
-from transformers import PrinterCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from models.vlm.processor import load_processor
 from models.data.align import AlignError
@@ -150,14 +150,7 @@ def train(config: TrainConfig) -> dict:
         callbacks=[PreferenceMetrics(out / run.METRICS_FILE, config.batch_size * config.grad_accum * world),
                    (cancel := run.SaveOnCancel().install())],
     )
-    trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=run.checkpoint_to_resume(config))
-    if cancel.asked:
-        print(f"cancelled at step {trainer.state.global_step}; Resume continues from "
-              f"{run.last_complete_checkpoint(out) or 'the beginning'}", flush=True)
-        raise SystemExit(143)
-    if eval_records:
-        trainer.evaluate()
+    result = run.fit(trainer, config, cancel, has_eval=bool(eval_records))
 
     target = out / (run.ADAPTER_DIR if lora else run.MODEL_DIR)
     trainer.save_model(str(target))

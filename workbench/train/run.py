@@ -351,6 +351,20 @@ def prepare_run(config: TrainConfig) -> tuple[Path, bool]:
     return out, rank0
 
 
+
+def fit(trainer, config: TrainConfig, cancel: "SaveOnCancel", has_eval: bool):
+    """Train (from the checkpoint to resume, if any), then evaluate. A cancel has saved a checkpoint by
+    the time `train` returns: say where Resume goes on and exit 143, the run manager's 'cancelled'."""
+    trainer.remove_callback(PrinterCallback)  # the metrics callback prints one line per log instead
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
+    if cancel.asked:
+        print(f"cancelled at step {trainer.state.global_step}; Resume continues from "
+              f"{last_complete_checkpoint(Path(config.output_dir)) or 'the beginning'}", flush=True)
+        raise SystemExit(143)
+    if has_eval:
+        trainer.evaluate()
+    return result
+
 def train(config: TrainConfig) -> dict:
     """Run one training; returns a summary (also written to output_dir/train_summary.json)."""
     out, rank0 = prepare_run(config)
@@ -382,14 +396,7 @@ def train(config: TrainConfig) -> dict:
         callbacks=[MetricsCallback(out / METRICS_FILE, config.batch_size * config.grad_accum * world),
                    (cancel := SaveOnCancel().install())],
     )
-    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one line per log instead
-    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
-    if cancel.asked:
-        print(f"cancelled at step {trainer.state.global_step}; Resume continues from "
-              f"{last_complete_checkpoint(out) or 'the beginning'}", flush=True)
-        raise SystemExit(143)
-    if eval_items:
-        trainer.evaluate()
+    result = fit(trainer, config, cancel, has_eval=bool(eval_items))
 
     lora = config.stage == "sft" and config.finetuning == "lora"
     target = out / (ADAPTER_DIR if lora else MODEL_DIR)
