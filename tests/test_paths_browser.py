@@ -42,13 +42,17 @@ def preview_message(page, dataset: str, base_model: str = "default", extra: str 
     return page.locator("#train-message [data-testid=markdown]").inner_text().strip()
 
 
-def test_a_shared_servers_train_tab_reads_only_the_workspace_and_the_allowed_folder(server, page):
-    url, workspace, shared, outside = server
+def log_in(page, url):
     page.goto(url)
     page.wait_for_selector("input[type=password]", timeout=120_000)
     page.fill("input[type=text]", USER)
     page.fill("input[type=password]", PASSWORD)
     page.keyboard.press("Enter")
+
+
+def test_a_shared_servers_train_tab_reads_only_the_workspace_and_the_allowed_folder(server, page):
+    url, workspace, shared, outside = server
+    log_in(page, url)
     page.get_by_role("tab", name="Train").click(timeout=120_000)
     for dataset, base_model in [("/etc/passwd", "default"), (str(outside / "data.json"), "default"),
                                 ("../" * 8 + "etc/passwd", "default"), (str(shared / "data.json"), str(outside))]:
@@ -67,11 +71,7 @@ def test_a_shared_servers_masks_and_chat_tabs_load_no_model_from_outside(server,
     """The Masks tab's tokenizer and the Chat tab's model follow the same rule: a folder outside is refused
     in the tab, with the reason on screen."""
     url, workspace, shared, outside = server
-    page.goto(url)
-    page.wait_for_selector("input[type=password]", timeout=120_000)
-    page.fill("input[type=text]", USER)
-    page.fill("input[type=password]", PASSWORD)
-    page.keyboard.press("Enter")
+    log_in(page, url)
     page.get_by_role("tab", name="Masks & Attention").click(timeout=120_000)
     page.get_by_role("tab", name="HSA mask", exact=True).click()
     page.fill("#mask-model textarea, #mask-model input", str(outside))
