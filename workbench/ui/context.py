@@ -20,16 +20,31 @@ class AppContext:
     default_model: Path = DEFAULT_VLM
     allowed_paths: tuple[Path, ...] = ()  # folders the operator named (--allow-path) besides the workspace
     confined: bool = False  # others can reach the server: forms name files in the workspace and those only
+    users: object = None  # workbench.users.Users when there is a login: the logged-in name is the annotator's
+
+    def person(self, typed: str | None, request=None) -> str:
+        """Who is at a browser: with a login, the logged-in user (a name box then only shows it; what a
+        browser sends in it is ignored); without one, the name typed in."""
+        if self.users is not None:
+            return (getattr(request, "username", None) or "") if request is not None else ""
+        return (typed or "").strip()
+
+    def may_review(self, who: str) -> bool:
+        """Reviewers (and, without a login, anyone who gives a name) accept labels for training."""
+        if self.users is None:
+            return bool(who)
+        user = self.users.get(who)
+        return user is not None and user.reviewer
 
     @classmethod
     def create(cls, workspace: Path, db_path: Path | None = None, default_model: Path | None = None,
-               allowed_paths=(), confined: bool = False):
+               allowed_paths=(), confined: bool = False, users=None):
         workspace = Path(workspace).resolve()
         for sub in ("uploads", "exports", "runs", "tmp"):
             (workspace / sub).mkdir(parents=True, exist_ok=True)
         return cls(workspace=workspace, db_path=Path(db_path or workspace / "workbench.db").resolve(),
                    runs_dir=workspace / "runs", default_model=Path(default_model or DEFAULT_VLM),
-                   allowed_paths=tuple(Path(p).resolve() for p in allowed_paths), confined=confined)
+                   allowed_paths=tuple(Path(p).resolve() for p in allowed_paths), confined=confined, users=users)
 
     @property
     def paths(self) -> PathRule:
