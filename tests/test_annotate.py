@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from conftest import shapes_png
 from models.hsa import GLOBAL, LANDMARK, NOISE
 from models.data.align import Span, align_record
-from workbench.store import Store, import_records
+from workbench.store import Store, StoreError, import_records
 from workbench.store.suggest import model_suggestions, rule_suggestions
 from workbench.ui.annotate_view import (WORDS, TokenView, code_point_to_utf16, page_of_turn, render_view,
                                         selection_from_browser, snap, token_view, utf16_table, utf16_to_code_point,
                                         view_pages, word_view)
-from workbench.ui.annotator import Annotator
+from workbench.ui.annotator import Annotator, progress_text
 
 TRICKY = "红色的圆 🙂 👍🏽 e\u0301 👨‍👩‍👧 ok\nnext"
 
@@ -377,3 +377,67 @@ def test_the_conversation_table_pages_and_marks_the_open_one(store):
     # opening a row's conversation: the status line and the counter agree (issue 20.6)
     cid, where = annotator.navigate("d", "all", "", ids[1])
     assert where == f"2 / {PAGE_SIZE + 3}" and annotator.show(cid, WORDS)["status"].startswith("Conversation #2 ")
+
+
+def test_in_a_dataset_split_among_annotators_each_labels_their_own_copy_and_queue(store):
+    """Issue 23: assigned conversations are labelled in each annotator's copy (the main labels and the
+    other copies stay as they were); the queue lists what is assigned, done marks move it on, and the
+    progress line counts the person's queue and the team's."""
+    ids = add(store, rec("What colour is the circle? lol"), rec("Where is the square?"), rec("Count them."))
+    store.assign("d", ["alice", "bob"], 2)
+    annotator = Annotator(store)
+    first = ids[0]
+    text = store.conversation(first).turns[0].text
+    a = text.index("lol")
+    shown = annotator.edit(first, annotator.show(first, WORDS, who="alice")["version"], "alice", WORDS, "label",
+                           {"turn": 0, "a": a, "b": len(text), "role": NOISE})
+    assert "alice's copy" in shown["status"] and 'class="tok r2 sp"' in shown["html"]
+    assert store.conversation(first).turns[0].spans == []  # the main labels: untouched
+    assert store.conversation(first, annotator="alice").turns[0].spans == [Span(a, len(text), NOISE)]
+    assert store.conversation(first, annotator="bob").turns[0].spans == []  # bob does not see alice's work
+    assert 'class="tok r2' not in annotator.show(first, WORDS, who="bob")["html"]
+    # without a name nothing is edited in a team dataset, and the view says why
+    refused = annotator.edit(first, 1, "", WORDS, "label", {"turn": 0, "a": 0, "b": 4, "role": NOISE})
+    assert "type your name" in refused["status"] and store.conversation(first).version == 1
+    # undo is per copy
+    annotator.edit(first, shown["version"], "alice", WORDS, "undo", {})
+    assert store.conversation(first, annotator="alice").turns[0].spans == []
+    # the queue, done marks and progress
+    assert annotator.ids("d", "my to-do", who="alice") == ids
+    shown = annotator.show(first, WORDS, who="alice")
+    done = annotator.edit(first, shown["version"], "alice", WORDS, "done", {})
+    assert "Saved in alice's copy. Marked done" in done["status"]
+    assert "done ✓" in annotator.show(first, WORDS, who="alice")["status"]
+    assert annotator.ids("d", "my to-do", who="alice") == ids[1:]
+    assert annotator.ids("d", "my done", who="alice") == [first]
+    assert annotator.ids("d", "my to-do", search="square", who="alice") == [ids[1]]
+    rows, row_ids, _, _ = annotator.table("d", "my done", "", who="alice")
+    assert row_ids == [first] and rows[0][2] == "✓"
+    assert "Your queue:** 1 / 3 done" in progress_text(store, "d", "alice")
+    assert "alice 1/3 · bob 0/3" in progress_text(store, "d", "bob")
+    assert annotator.navigate("d", "my to-do", "", -1, who="bob") == (ids[0], "1 / 3")
+    with pytest.raises(StoreError, match="type your name"):
+        annotator.ids("d", "my to-do", who="")
+    # in a dataset nobody is assigned to, edits go to the one set of labels, as before
+    [solo] = add(store, rec("Hello there."), dataset="solo")
+    annotator.edit(solo, 1, "carol", WORDS, "turn_role", {"turn": 0, "role": NOISE})
+    assert store.conversation(solo).turns[0].role == NOISE
+    assert "only an annotator's copy" in annotator.edit(solo, 2, "carol", WORDS, "done", {})["status"]
+
+
+def test_disagreements_between_copies_are_outlined_with_who_said_what(store):
+    [cid] = add(store, rec("What colour is the circle? lol nice weather"))
+    store.assign("d", ["alice", "bob"], 2)
+    text = store.conversation(cid).turns[0].text
+    a = text.index("lol")
+    store.set_span(cid, 0, a, len(text), NOISE, expected_version=1, author="alice", annotator="alice")
+    store.set_span(cid, 0, 0, 4, NOISE, expected_version=1, author="bob", annotator="bob")
+    annotator = Annotator(store)
+    plain = annotator.show(cid, WORDS, who="carol")
+    assert " dis" not in plain["html"]
+    shown = annotator.show(cid, WORDS, who="carol", disagreements=True)
+    assert "2 disagreements among alice, bob" in shown["status"]
+    outlined = re.findall(r'class="tok [^"]* dis" title="([^"]*)"[^>]*>([^<]*)<', shown["html"])
+    words = "".join(word for _, word in outlined)
+    assert "lol" in words and "What" in words and "circle" not in words
+    assert any("alice: noise · bob: global" in title for title, _ in outlined)

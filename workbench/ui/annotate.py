@@ -16,10 +16,10 @@ import gradio as gr
 
 from workbench.store import FORMATS, Store, StoreError
 from workbench.ui.annotate_view import WORDS
-from workbench.ui.annotator import Annotator, progress_text
+from workbench.ui.annotator import QUEUES, Annotator, progress_text
 from workbench.ui.events import event_payload
 
-STATUSES = ("all", "unlabelled", "labelled")
+STATUSES = ("all", "unlabelled", "labelled", "reviewed", *QUEUES)  # the last: the person's assignments
 TABLE_HEADERS = ["#", "first words", "labelled", "last change by"]
 UPLOAD_TYPES = [".json", ".jsonl", ".zip", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 SELECTION = ("turn", "a", "b", "role", "page")  # what the browser sends with the view's events (annotate.js)
@@ -70,7 +70,9 @@ def build(ctx, blocks: gr.Blocks):
         status_filter = gr.Radio(list(STATUSES), value="all", label="Show", scale=2)
         search = gr.Textbox(label="Search text", placeholder="find conversations containing…", scale=2)
         model = gr.Textbox("default", label="Tokens of model", info=f"'default', 'composed', a path, or '{WORDS}'", scale=2)
-        author = gr.Textbox("annotator", label="Your name", scale=1)
+        author = gr.Textbox("annotator", label="Your name", scale=1, elem_id="annotate-author",
+                            info="with a login: who logged in" if ctx.users is not None else "in the history; "
+                            "in a dataset split among annotators, whose copy you label")
     with gr.Row():
         prev_button = gr.Button("◀ Previous", scale=1)
         where = gr.Textbox("0 / 0", label="Conversation", interactive=False, scale=1, elem_id="annotate-where")
@@ -93,6 +95,10 @@ def build(ctx, blocks: gr.Blocks):
             images = gr.Gallery(label="Images", columns=1, height=260, allow_preview=True)
             undo_button = gr.Button("↶ Undo (Ctrl+Z)")
             redo_button = gr.Button("↷ Redo (Ctrl+Y)")
+            with gr.Row():  # an assigned annotator's own mark: their copy is finished (their queue moves on)
+                done_button = gr.Button("✓ Mark my copy done", size="sm", elem_id="annotate-done")
+                not_done_button = gr.Button("Not done", size="sm", elem_id="annotate-not-done")
+            outline = gr.Checkbox(False, label="Outline where annotators disagree", elem_id="annotate-outline")
             with gr.Accordion("Suggestions", open=False):
                 rules_button = gr.Button("Suggest by rules")
                 model_button = gr.Button("Suggest with the model")
@@ -135,110 +141,134 @@ def build(ctx, blocks: gr.Blocks):
         return (result["conv_id"], result["version"], result["html"], result["images"], result["status"],
                 result["history"], result["page"])
 
-    def listing(dataset_value, status_value, search_value, cid, page=None):
-        rows, ids, label, page = annotator.table(dataset_value, status_value, search_value, cid, page)
+    def listing(dataset_value, status_value, search_value, cid, page=None, who=None):
+        rows, ids, label, page = annotator.table(dataset_value, status_value, search_value, cid, page, who)
         return rows, ids, label, page
 
-    def open_conversation(dataset_value, status_value, search_value, current, model_value, step=None, jump_to=None):
+    def open_conversation(dataset_value, status_value, search_value, current, model_value, who, outline,
+                          step=None, jump_to=None):
         try:
-            cid, position = annotator.navigate(dataset_value, status_value, search_value, current, step, jump_to)
-            shown_now = present(annotator.show(cid, model_value))
+            cid, position = annotator.navigate(dataset_value, status_value, search_value, current, step, jump_to, who)
+            shown_now = present(annotator.show(cid, model_value, who=who, disagreements=outline))
             # this browser remembers what it has open in the same response: a reload right after lands here
             remembered = {"dataset": dataset_value, "conv_id": shown_now[0]}
-            return (*shown_now, position, progress_text(store, dataset_value), "",
-                    *listing(dataset_value, status_value, search_value, cid), remembered)
+            return (*shown_now, position, progress_text(store, dataset_value, who), "",
+                    *listing(dataset_value, status_value, search_value, cid, who=who), remembered)
         except StoreError as e:
             return (*present(annotator.show(-1, model_value, status=f"⚠️ {e}")), "0 / 0", "", "", [], [], "", 0,
                     gr.skip())
 
-    nav_outputs = [*shown, where, progress_md, suggestion, table, page_ids, page_label, page_number, memory]
-    nav_inputs = [dataset, status_filter, search, conv_id, model]
-    # .input, not .change: a dataset set by a handler (page load, import, rename) opens its own conversation
-    dataset.input(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
-    status_filter.change(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
-    search.submit(lambda d, s, q, c, m: open_conversation(d, s, q, -1, m), nav_inputs, nav_outputs)
-    model.submit(lambda d, s, q, c, m: open_conversation(d, s, q, c, m, 0), nav_inputs, nav_outputs)
-    prev_button.click(lambda d, s, q, c, m: open_conversation(d, s, q, c, m, -1), nav_inputs, nav_outputs)
-    next_button.click(lambda d, s, q, c, m: open_conversation(d, s, q, c, m, 1), nav_inputs, nav_outputs)
-    jump.submit(lambda d, s, q, c, m, j: open_conversation(d, s, q, c, m, jump_to=j or 1),
-                [*nav_inputs, jump], nav_outputs)
+    def navigation(current=None, step=None):
+        """A handler opening a conversation: `current` -1 starts the list afresh (None: the one open),
+        `step` moves along it (0: reopen)."""
+        def handler(d, s, q, c, m, a, o, request: gr.Request):
+            return open_conversation(d, s, q, c if current is None else current, m, ctx.person(a, request), o, step)
+        return handler
 
-    def open_row(d, s, q, c, m, ids, evt: gr.SelectData):
+    nav_outputs = [*shown, where, progress_md, suggestion, table, page_ids, page_label, page_number, memory]
+    nav_inputs = [dataset, status_filter, search, conv_id, model, author, outline]
+    # .input, not .change: a dataset set by a handler (page load, import, rename) opens its own conversation
+    dataset.input(navigation(current=-1), nav_inputs, nav_outputs)
+    status_filter.change(navigation(current=-1), nav_inputs, nav_outputs)
+    search.submit(navigation(current=-1), nav_inputs, nav_outputs)
+    model.submit(navigation(step=0), nav_inputs, nav_outputs)
+    author.submit(navigation(step=0), nav_inputs, nav_outputs)  # another name: their copy and queue
+    outline.change(navigation(step=0), nav_inputs, nav_outputs)
+    prev_button.click(navigation(step=-1), nav_inputs, nav_outputs)
+    next_button.click(navigation(step=1), nav_inputs, nav_outputs)
+
+    def jump_to(d, s, q, c, m, a, o, j, request: gr.Request):
+        return open_conversation(d, s, q, c, m, ctx.person(a, request), o, jump_to=j or 1)
+
+    jump.submit(jump_to, [*nav_inputs, jump], nav_outputs)
+
+    def open_row(d, s, q, c, m, a, o, ids, evt: gr.SelectData, request: gr.Request):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not ids or row is None or not 0 <= row < len(ids):
             return gr.skip()
-        return open_conversation(d, s, q, ids[row], m, 0)
+        return open_conversation(d, s, q, ids[row], m, ctx.person(a, request), o, 0)
 
     table.select(open_row, [*nav_inputs, page_ids], nav_outputs)
 
-    def turn_page(d, s, q, c, page, step):
-        return listing(d, s, q, c, (page or 0) + step)
-
-    page_prev.click(lambda d, s, q, c, p: turn_page(d, s, q, c, p, -1), [dataset, status_filter, search, conv_id, page_number],
-                    [table, page_ids, page_label, page_number])
-    page_next.click(lambda d, s, q, c, p: turn_page(d, s, q, c, p, 1), [dataset, status_filter, search, conv_id, page_number],
-                    [table, page_ids, page_label, page_number])
-
-    edit_inputs = [conv_id, version, author, model, view_page]
-
-    def on_edit(kind):
-        def handler(c, v, a, m, p, evt: gr.EventData):
-            return present(annotator.edit(c, v, a, m, kind, event_payload(evt, *SELECTION), page=p))
+    def turn_page(step):
+        def handler(d, s, q, c, a, page, request: gr.Request):
+            return listing(d, s, q, c, (page or 0) + step, ctx.person(a, request))
         return handler
 
-    def after_edit(d):
-        return progress_text(store, d)
+    pager_inputs = [dataset, status_filter, search, conv_id, author, page_number]
+    page_prev.click(turn_page(-1), pager_inputs, [table, page_ids, page_label, page_number])
+    page_next.click(turn_page(1), pager_inputs, [table, page_ids, page_label, page_number])
+
+    edit_inputs = [conv_id, version, author, model, view_page, outline]
+
+    def edit(kind, payload=None):
+        """A handler applying one labelling action: from the token view's event (payload None), or a button's."""
+        def handler(c, v, a, m, p, o, evt: gr.EventData, request: gr.Request):
+            data = event_payload(evt, *SELECTION) if payload is None else payload
+            return present(annotator.edit(c, v, ctx.person(a, request), m, kind, data, page=p, disagreements=o))
+        return handler
+
+    def after_edit(d, a, request: gr.Request):
+        return progress_text(store, d, ctx.person(a, request))
 
     for kind in ("label", "clear", "turn_role", "undo", "redo"):
-        getattr(view, f"hsa_{kind}")(on_edit(kind), edit_inputs, shown).then(after_edit, dataset, progress_md)
+        getattr(view, f"hsa_{kind}")(edit(kind), edit_inputs, shown).then(after_edit, [dataset, author], progress_md)
+    for button, kind in ((undo_button, "undo"), (redo_button, "redo"), (done_button, "done"),
+                         (not_done_button, "not done")):
+        button.click(edit(kind, {}), edit_inputs, shown).then(after_edit, [dataset, author], progress_md)
+
     def describe(c, m, evt: gr.EventData):
         return annotator.describe_selection(c, m, event_payload(evt, *SELECTION))
 
     view.hsa_select(describe, [conv_id, model], status)
 
-    def page_of_tokens(c, m, evt: gr.EventData):  # not `turn_page`: the listing's pager above calls that name
-        return present(annotator.turn_page(c, m, event_payload(evt, *SELECTION)))
+    def page_of_tokens(c, m, a, o, evt: gr.EventData, request: gr.Request):  # the token view's own pager
+        return present(annotator.turn_page(c, m, event_payload(evt, *SELECTION), ctx.person(a, request), o))
 
-    view.hsa_page(page_of_tokens, [conv_id, model], shown)
-    undo_button.click(lambda c, v, a, m, p: present(annotator.edit(c, v, a, m, "undo", {}, page=p)), edit_inputs, shown) \
-        .then(after_edit, dataset, progress_md)
-    redo_button.click(lambda c, v, a, m, p: present(annotator.edit(c, v, a, m, "redo", {}, page=p)), edit_inputs, shown) \
-        .then(after_edit, dataset, progress_md)
+    view.hsa_page(page_of_tokens, [conv_id, model, author, outline], shown)
 
-    def suggest(c, m, p, kind):
-        if c is None or c < 0:
-            return gr.skip(), "", "Open a conversation first."
-        try:
-            return annotator.suggest(c, m, kind, page=p)
-        except Exception as e:  # noqa: BLE001 - e.g. no model to run: say so
-            return gr.skip(), "", f"⚠️ No suggestion: {e}"
+    def suggest(kind):
+        def handler(c, m, p, a, request: gr.Request):
+            if c is None or c < 0:
+                return gr.skip(), "", "Open a conversation first."
+            try:
+                return annotator.suggest(c, m, kind, page=p, who=ctx.person(a, request))
+            except Exception as e:  # noqa: BLE001 - e.g. no model to run: say so
+                return gr.skip(), "", f"⚠️ No suggestion: {e}"
+        return handler
 
-    rules_button.click(lambda c, m, p: suggest(c, m, p, "rules"), [conv_id, model, view_page], [view, suggestion, status])
-    model_button.click(lambda c, m, p: suggest(c, m, p, "model"), [conv_id, model, view_page], [view, suggestion, status])
+    rules_button.click(suggest("rules"), [conv_id, model, view_page, author], [view, suggestion, status])
+    model_button.click(suggest("model"), [conv_id, model, view_page, author], [view, suggestion, status])
 
-    def accept(c, v, a, m, p, payload):
+    def accept(c, v, a, m, p, o, payload, request: gr.Request):
+        who = ctx.person(a, request)
         if not payload:
-            return (*present(annotator.show(c, m, status="No suggestion to accept.", page=p)), "")
+            return (*present(annotator.show(c, m, status="No suggestion to accept.", page=p, who=who)), "")
         data = json.loads(payload)
         if data.get("conv_id") != c:
-            return (*present(annotator.show(c, m, status="The suggestion was for another conversation.", page=p)), "")
-        return (*present(annotator.edit(c, v, a, m, "accept", data, page=p)), "")
+            return (*present(annotator.show(c, m, status="The suggestion was for another conversation.", page=p,
+                                            who=who)), "")
+        return (*present(annotator.edit(c, v, who, m, "accept", data, page=p, disagreements=o)), "")
 
-    accept_button.click(accept, [*edit_inputs, suggestion], [*shown, suggestion]).then(after_edit, dataset, progress_md)
-    reject_button.click(lambda c, m, p: (*present(annotator.show(c, m, status="Suggestion rejected.", page=p)), ""),
-                        [conv_id, model, view_page], [*shown, suggestion])
+    def reject(c, m, p, a, o, request: gr.Request):
+        return (*present(annotator.show(c, m, status="Suggestion rejected.", page=p, who=ctx.person(a, request),
+                                        disagreements=o)), "")
+
+    accept_button.click(accept, [*edit_inputs, suggestion], [*shown, suggestion]) \
+        .then(after_edit, [dataset, author], progress_md)
+    reject_button.click(reject, [conv_id, model, view_page, author, outline], [*shown, suggestion])
 
     def choose(name):
         choices = dataset_names()
         return gr.Dropdown(choices=choices, value=name if name in choices else (choices[0] if choices else None))
 
-    def do_import(files, name, who, current, progress=gr.Progress()):
+    def do_import(files, name, who, current, request: gr.Request, progress=gr.Progress()):
         message, chosen = annotator.import_files(
-            files, name, who, current, progress=lambda done, total: progress((done, total), desc="importing", unit="records"))
+            files, name, ctx.person(who, request) or "import", current,
+            progress=lambda done, total: progress((done, total), desc="importing", unit="records"))
         return message, choose(chosen)
 
-    def reopen(d, s, q, c, m):  # the conversation in use if the dataset still has it, else its first
-        return open_conversation(d, s, q, c, m)
+    reopen = navigation()  # the conversation in use if the dataset still has it, else its first
 
     import_button.click(do_import, [upload, import_name, author, dataset], [import_status, dataset]) \
         .then(reopen, nav_inputs, nav_outputs)
@@ -262,19 +292,24 @@ def build(ctx, blocks: gr.Blocks):
     delete_button.click(do_delete, [dataset, confirm_name], [manage_status, export_file, dataset, confirm_name]) \
         .then(reopen, nav_inputs, nav_outputs)
 
-    # Every page load opens what this browser had open (kept in its local storage), with fresh choices.
-    def on_load(d, s, q, c, m, remembered):
+    # Every page load opens what this browser had open (kept in its local storage), with fresh choices;
+    # with a login, the name box shows the logged-in user (and cannot be changed: see AppContext.person).
+    def on_load(d, s, q, c, m, a, o, remembered, request: gr.Request):
         choices = dataset_names()
         remembered = remembered or {}
         if remembered.get("dataset") in choices:
             d, c = remembered["dataset"], remembered.get("conv_id", -1)
         else:
             d, c = (d if d in choices else (choices[0] if choices else None)), -1
-        return (gr.Dropdown(choices=choices, value=d), *open_conversation(d, s, q, c if c is not None else -1, m))
+        who = ctx.person(a, request)
+        name_box = gr.Textbox(value=who, interactive=False) if ctx.users is not None else gr.skip()
+        return (gr.Dropdown(choices=choices, value=d), name_box,
+                *open_conversation(d, s, q, c if c is not None else -1, m, who, o))
 
-    blocks.load(on_load, [*nav_inputs, memory], [dataset, *nav_outputs])
+    blocks.load(on_load, [*nav_inputs, memory], [dataset, author, *nav_outputs])
 
     def open_record(d, c, m):  # another tab (Evaluate's wrong answers) opens conversation c of dataset d here
-        return (gr.Dropdown(choices=dataset_names(), value=d), "all", "", *open_conversation(d, "all", "", int(c), m))
+        return (gr.Dropdown(choices=dataset_names(), value=d), "all", "",
+                *open_conversation(d, "all", "", int(c), m, "", False))
 
     return SimpleNamespace(open_record=open_record, model=model, outputs=[dataset, status_filter, search, *nav_outputs])

@@ -190,11 +190,14 @@ def page_of_turn(pages: list[list[tuple[int, int, int]]], turn: int) -> int:
     return len(pages) - 1
 
 
-def render_view(conv, view: TokenView, *, suggested: bool = False, page: int = 0, focus: int | None = None) -> str:
+def render_view(conv, view: TokenView, *, suggested: bool = False, page: int = 0, focus: int | None = None,
+                disagree=()) -> str:
     """HTML of one page of the conversation (`view_pages`): per turn a header (speaker, turn role,
     set-turn buttons) and its tokens coloured by role, and a pager when there is more than one page.
     Tokens carry their turn and UTF-16 offsets for the selection script; runs of image tokens show
-    as one chip. The browser scrolls turn `focus` into view."""
+    as one chip. The browser scrolls turn `focus` into view. Tokens touching a region of `disagree`
+    (workbench.agreement.Region: turn, character range, each annotator's role) are outlined, and say
+    who gave which role."""
     by_turn = tokens_by_turn(view)
     pages = view_pages(view, len(conv.turns), by_turn)
     page = min(max(int(page), 0), len(pages) - 1)
@@ -221,7 +224,8 @@ def render_view(conv, view: TokenView, *, suggested: bool = False, page: int = 0
                                f'{ROLE_NAMES[r][0].upper()}</button>' for r in ROLE_KEYS.values())
                      + (f' <span class="nspans">{len(turn.spans)} span(s)</span>' if turn.spans else "")
                      + '</div><div class="toks">')
-        parts.extend(_turn_tokens(turn, view, by_turn.get(t, [])[first:end], spans16, to16))
+        parts.extend(_turn_tokens(turn, view, by_turn.get(t, [])[first:end], spans16, to16,
+                                  [r for r in disagree if r.turn == t]))
         parts.append("</div></div>")
     if by_turn.get(-1) and page == len(pages) - 1:
         parts.append('<div class="turn gen"><div class="th">generation prompt</div><div class="toks">')
@@ -249,7 +253,16 @@ def _pager(pages, page: int, n_turns: int) -> str:
             + '</span>')
 
 
-def _turn_tokens(turn, view: TokenView, ks: list[int], spans16, to16) -> list[str]:
+def _disagreement(regions, start: int, end: int) -> str:
+    """The class and tooltip of a token over characters start..end where annotators disagree."""
+    found = [r for r in regions if r.start < end and r.end > start]
+    if not found:
+        return ""
+    says = "; ".join(" · ".join(f"{name}: {ROLE_NAMES[role]}" for name, role in r.roles.items()) for r in found[:3])
+    return f' dis" title="{html.escape(says, quote=True)}'
+
+
+def _turn_tokens(turn, view: TokenView, ks: list[int], spans16, to16, regions=()) -> list[str]:
     out = []
     k_iter = iter(range(len(ks)))
     for i in k_iter:
@@ -268,6 +281,6 @@ def _turn_tokens(turn, view: TokenView, ks: list[int], spans16, to16) -> list[st
             continue
         a, b = to16(span[0]), to16(span[1])
         spanned = " sp" if any(s < b and e > a for s, e in spans16) else ""
-        out.append(f'<span class="tok r{role}{spanned}" data-k="{k}" data-t="{view.turn_index[k]}" '
+        out.append(f'<span class="tok r{role}{spanned}{_disagreement(regions, *span)}" data-k="{k}" data-t="{view.turn_index[k]}" '
                    f'data-a="{a}" data-b="{b}">{_token_html(turn.text[span[0]:span[1]])}</span>')
     return out

@@ -15,18 +15,29 @@ from models.hsa import ROLE_NAMES
 from workbench.store import FORMATS, FileError, StaleVersionError, Store, StoreError, export_dataset, import_upload
 from workbench.store.db import labels_from_json, labels_to_json
 from workbench.store.suggest import model_suggestions, rule_suggestions
+from workbench.agreement import disagreements
 from workbench.ui.annotate_view import (WORDS, TokenView, page_of_turn, render_view, selection_from_browser, snap,
                                         token_view, view_pages, word_view)
 
 PAGE_SIZE = 15  # conversations per page of the list
+QUEUES = {"my to-do": "todo", "my done": "done"}  # list filters over the person's assignments
 
 
-def progress_text(store: Store, dataset: str | None) -> str:
+def progress_text(store: Store, dataset: str | None, who=None) -> str:
+    """The dataset's progress; where it is split among annotators, the person's queue and the team's."""
     if not dataset:
         return "No dataset yet: import one below."
     info = store.dataset(dataset)
     share = f" ({100 * info.labelled / info.total:.0f}%)" if info.total else ""
-    return f"**Progress:** {info.labelled} / {info.total} conversations labelled{share}"
+    text = f"**Progress:** {info.labelled} / {info.total} conversations labelled{share}"
+    team = store.progress(dataset)
+    if not team:
+        return text
+    who = (who or "").strip()
+    mine = f"**Your queue:** {team[who][0]} / {team[who][1]} done · " if who in team else \
+        ("**Your queue:** nothing assigned to you · " if who else "")
+    return mine + "team: " + " · ".join(f"{name} {done}/{assigned}" for name, (done, assigned) in team.items()) \
+        + f" · {len(store.conversation_ids(dataset, status='reviewed'))} reviewed"
 
 
 
@@ -62,29 +73,70 @@ class Annotator:
         self._views[key] = view
         return view, note
 
-    def ids(self, dataset, status="all", search="") -> list[int]:
+    def ids(self, dataset, status="all", search="", who=None) -> list[int]:
+        """The conversations the list and the arrows go through: a status of the store, or this
+        person's queue ("my to-do" / "my done": what is assigned to them), narrowed by a search."""
         if not dataset:
             return []
+        if status in QUEUES:
+            if not (who or "").strip():
+                raise StoreError("type your name (or log in) to see your queue")
+            queue = [c.id for c in self.store.queue(dataset, who, QUEUES[status])]
+            if not search:
+                return queue
+            found = set(self.store.conversation_ids(dataset, search=search))
+            return [cid for cid in queue if cid in found]
         return self.store.conversation_ids(dataset, status=status, search=search or "")
 
-    def show(self, conv_id, model: str, status: str = "", page: int = 0, focus: int | None = None) -> dict:
-        """Everything the tab shows for one conversation, its tokens one page at a time."""
+    def copy_for(self, conv_id, who) -> str | None:
+        """Whose labels the tab shows and edits: in a dataset split among annotators (the conversation has
+        assignees) each person labels their own copy, which the others do not see; elsewhere everyone
+        edits the one set of labels. A review makes a copy the conversation's labels (the Team tab)."""
+        if conv_id is None or conv_id < 0 or not self.store.assignees(int(conv_id)):
+            return None
+        who = (who or "").strip()
+        if not who:
+            raise StoreError("this conversation is labelled by assigned annotators, each in their own copy: "
+                             "type your name (or log in) to label yours")
+        return who
+
+    def show(self, conv_id, model: str, status: str = "", page: int = 0, focus: int | None = None, who=None,
+             disagreements: bool = False) -> dict:
+        """Everything the tab shows for one conversation, its tokens one page at a time: the labels
+        `who` edits (`copy_for`), and where the annotators' copies disagree when asked."""
         if conv_id is None or conv_id < 0:
             return {"conv_id": -1, "version": 0, "html": '<div class="hsa-annot empty">No conversation.</div>',
                     "images": [], "status": status or "No conversation matches.", "history": [], "page": 0}
-        conv = self.store.conversation(int(conv_id))
+        try:
+            copy = self.copy_for(conv_id, who)
+        except StoreError as error:  # no name in a team dataset: show the main labels, say why edits need one
+            copy, status = None, status or f"⚠️ {error}"
+        conv = self.store.conversation(int(conv_id), annotator=copy)
         view, note = self.view(conv, model)
         page = min(max(int(page or 0), 0), len(view_pages(view, len(conv.turns))) - 1)
+        regions, note_regions = [], ""
+        if disagreements:
+            regions, note_regions = self.disagreements(conv)
         history = [[r.version, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)), r.author,
-                    r.kind, r.action] for r in reversed(self.store.history(conv.id))][:50]
-        return {"conv_id": conv.id, "version": conv.version, "html": render_view(conv, view, page=page, focus=focus),
-                "page": page,
+                    r.kind, r.action] for r in reversed(self.store.history(conv.id, annotator=copy))][:50]
+        whose = f" · {copy}'s copy{' · done ✓' if conv.labelled else ''}" if copy else (
+            f" · reviewed by {conv.reviewed_by}" if conv.reviewed_by else "")
+        return {"conv_id": conv.id, "version": conv.version, "page": page,
+                "html": render_view(conv, view, page=page, focus=focus, disagree=regions),
                 "images": [str(p) for p in conv.images], "history": history,
-                "status": " ".join(x for x in (status, note) if x) or
-                f"Conversation #{conv.position + 1} · version {conv.version}"
+                "status": " ".join(x for x in (status, note, note_regions) if x) or
+                f"Conversation #{conv.position + 1}{whose} · version {conv.version}"
                 + (f" · last change by {conv.updated_by}" if conv.updated_by else "")}
 
-    def turn_page(self, conv_id, model: str, data: dict) -> dict:
+    def disagreements(self, conv) -> tuple[list, str]:
+        """Where the annotators' copies of `conv` give characters different roles, and a note on it."""
+        copies = self.store.copies(conv.id)
+        if len(copies) < 2:
+            return [], f"(Disagreements: {len(copies)} annotator cop{'y' if len(copies) == 1 else 'ies'}, two are needed.)"
+        regions = disagreements(conv.as_conversation(), {name: c.labels for name, c in copies.items()})
+        return regions, f"({len(regions)} disagreement{'s' * (len(regions) != 1)} among {', '.join(copies)}, outlined in red.)"
+
+    def turn_page(self, conv_id, model: str, data: dict, who=None, disagreements: bool = False) -> dict:
         """The page the browser's pager asks for: {"page": n} (0-based) or {"turn": t} (the page
         showing turn t)."""
         try:
@@ -97,16 +149,16 @@ class Annotator:
             else:
                 page = int(data["page"])
         except (StoreError, KeyError, TypeError, ValueError) as e:
-            shown = self.show(conv_id, model) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
+            shown = self.show(conv_id, model, who=who) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
             shown["status"] = f"⚠️ {e}"
             return shown
-        return self.show(conv_id, model, page=page, focus=focus)
+        return self.show(conv_id, model, page=page, focus=focus, who=who, disagreements=disagreements)
 
-    def navigate(self, dataset, status, search, conv_id, step: int | None = None, jump: int | None = None):
+    def navigate(self, dataset, status, search, conv_id, step: int | None = None, jump: int | None = None, who=None):
         """The conversation `step` away from `conv_id` in the filtered list, or number `jump`
         (1-based) of it; returns (conv_id, "i / n"). With neither, `conv_id` itself when it is in
         the list, else the first."""
-        ids = self.ids(dataset, status, search)
+        ids = self.ids(dataset, status, search, who)
         if not ids:
             return -1, "0 / 0"
         if jump is not None:
@@ -117,49 +169,64 @@ class Annotator:
             index = 0
         return ids[index], f"{index + 1} / {len(ids)}"
 
-    def edit(self, conv_id, version, author, model, kind: str, data: dict, page: int = 0) -> dict:
+    def edit(self, conv_id, version, author, model, kind: str, data: dict, page: int = 0,
+             disagreements: bool = False) -> dict:
         """Apply one labelling action from the browser; a stale one is refused and the newer
         version shown (on the same page)."""
-        author = (author or "").strip() or "anonymous"
         try:
             if conv_id is None or conv_id < 0:
                 raise StoreError("no conversation is open")
-            conv = self.store.conversation(int(conv_id))
+            copy = self.copy_for(conv_id, author)  # a team dataset: the author's own copy
+            author = (author or "").strip() or "anonymous"
+            mine = {"annotator": copy}
+            conv = self.store.conversation(int(conv_id), annotator=copy)
             version = int(version)
             if kind in ("label", "clear"):
                 view, _ = self.view(conv, model)
                 turn, start, end = selection_from_browser(conv, view, data)
                 if kind == "label":
                     role = int(data["role"])
-                    self.store.set_span(conv.id, turn, start, end, role, expected_version=version, author=author)
+                    self.store.set_span(conv.id, turn, start, end, role, expected_version=version, author=author, **mine)
                     message = f"Turn {turn} «{_clip(conv.turns[turn].text[start:end])}» → {ROLE_NAMES[role]}"
                 else:
-                    self.store.clear_span(conv.id, turn, start, end, expected_version=version, author=author)
+                    self.store.clear_span(conv.id, turn, start, end, expected_version=version, author=author, **mine)
                     message = f"Turn {turn} «{_clip(conv.turns[turn].text[start:end])}» cleared"
             elif kind == "turn_role":
                 turn, role = int(data["turn"]), int(data["role"])
-                self.store.set_turn_role(conv.id, turn, role, expected_version=version, author=author)
+                self.store.set_turn_role(conv.id, turn, role, expected_version=version, author=author, **mine)
                 message = f"Turn {turn} → {ROLE_NAMES[role]}"
             elif kind == "undo":
-                self.store.undo(conv.id, expected_version=version, author=author)
+                self.store.undo(conv.id, expected_version=version, author=author, **mine)
                 message = "Undone"
             elif kind == "redo":
-                self.store.redo(conv.id, expected_version=version, author=author)
+                self.store.redo(conv.id, expected_version=version, author=author, **mine)
                 message = "Redone"
             elif kind == "accept":
                 labels = labels_from_json(data["labels"])
                 self.store.set_labels(conv.id, labels, expected_version=version, author=author,
-                                      action=f"accepted {data.get('source', 'suggestions')}")
+                                      action=f"accepted {data.get('source', 'suggestions')}", **mine)
                 message = "Suggestion accepted (undo takes it back)"
+            elif kind in ("done", "not done"):
+                if copy is None:
+                    raise StoreError("only an annotator's copy is marked done (this conversation is not assigned)")
+                if conv.version != version:
+                    raise StaleVersionError(f"your copy changed meanwhile (now version {conv.version})", conv.version)
+                self.store.mark_labelled(conv.id, kind == "done", author=author, **mine)
+                message = "Marked done" if kind == "done" else "Marked not done"
             else:
                 raise StoreError(f"unknown action {kind!r}")
         except StaleVersionError as e:
-            return self.show(conv_id, model, status=f"⚠️ **Not saved.** {e}. Showing the current version.", page=page)
+            return self.show(conv_id, model, status=f"⚠️ **Not saved.** {e}. Showing the current version.", page=page,
+                             who=author, disagreements=disagreements)
         except (StoreError, KeyError, ValueError, TypeError) as e:
-            shown = self.show(conv_id, model, page=page) if conv_id is not None and conv_id >= 0 else self.show(-1, model)
+            shown = self.show(conv_id, model, page=page, who=author, disagreements=disagreements) \
+                if conv_id is not None and conv_id >= 0 \
+                else self.show(-1, model)
             shown["status"] = f"⚠️ {e}"
             return shown
-        return self.show(conv_id, model, status=f"✓ Saved. {message}.", page=page)
+        where = f" in {copy}'s copy" if copy else ""
+        return self.show(conv_id, model, status=f"✓ Saved{where}. {message}.", page=page, who=author,
+                         disagreements=disagreements)
 
     def describe_selection(self, conv_id, model, data: dict) -> str:
         """Where a selection will land once applied (snapped to whole tokens)."""
@@ -173,9 +240,10 @@ class Annotator:
         return (f"Selected turn {turn}, characters {start}–{end} ({count} token{'s' * (count != 1)}): "
                 f"«{_clip(conv.turns[turn].text[start:end], 120)}». Press 1 global, 2 landmark, 3 noise, 0 clear.")
 
-    def suggest(self, conv_id, model, kind: str, page: int = 0):
-        """(preview html of that page, suggestion json, status) for the rule or model suggestions."""
-        conv = self.store.conversation(int(conv_id))
+    def suggest(self, conv_id, model, kind: str, page: int = 0, who=None):
+        """(preview html of that page, suggestion json, status) for the rule or model suggestions, against
+        the labels `who` edits."""
+        conv = self.store.conversation(int(conv_id), annotator=self.copy_for(conv_id, who))
         if kind == "rules":
             labels = rule_suggestions(conv)
         else:
@@ -267,14 +335,19 @@ class Annotator:
         return (f"Deleted **{dataset}**. Its backup is ready to download; import that zip to get it back "
                 f"(with its labels and images, not its edit history)."), backup, (names[0] if names else None)
 
-    def table(self, dataset, status, search, conv_id=None, page: int | None = None) -> tuple[list, list[int], str, int]:
+    def table(self, dataset, status, search, conv_id=None, page: int | None = None, who=None
+              ) -> tuple[list, list[int], str, int]:
         """One page of the conversation list: rows (#, first words, labelled, last change by), their
         ids, "page i of n · m conversations", and the page number (0-based). Without `page`, the
-        page holding `conv_id`."""
+        page holding `conv_id`. In a queue, "labelled" is the person's done mark on their copy."""
         if not dataset:
             return [], [], "", 0
         try:
-            summaries = self.store.conversations(dataset, status=status or "all", search=search or "")
+            if status in QUEUES:
+                wanted = set(self.ids(dataset, status, search, who))
+                summaries = [c for c in self.store.queue(dataset, who, "all") if c.id in wanted]
+            else:
+                summaries = self.store.conversations(dataset, status=status or "all", search=search or "")
         except StoreError:
             return [], [], "", 0
         pages = max(1, -(-len(summaries) // PAGE_SIZE))
