@@ -17,7 +17,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    parser.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", action="append", default=[],
+                        help="require a login; repeatable, one per person (each may annotate and review)")
+    parser.add_argument("--users", type=Path, default=None, metavar="FILE",
+                        help="require a login: users with hashed passwords and roles, written by "
+                             "`python -m workbench.users add FILE NAME` (see README: Working as a team)")
     parser.add_argument("--workspace", type=Path, default=ROOT / "workspace",
                         help="where uploads, exports, runs and the database live")
     parser.add_argument("--db", type=Path, default=None, help="annotation database (default: WORKSPACE/workbench.db)")
@@ -29,8 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a folder besides the workspace whose files forms may name (datasets, models) when "
                              "others can reach the server (--share, --auth, a --host that is not loopback); repeatable")
     args = parser.parse_args(argv)
-    if args.auth and ":" not in args.auth:
-        parser.error("--auth takes USER:PASSWORD")
+    from workbench.users import Users, UsersError
+
+    try:  # the logins, checked before anything starts: a typo in the file is said now, not at the first login
+        users = Users.from_pairs(args.auth)
+        if args.users is not None:
+            from_file = Users.from_file(args.users)
+            for name in from_file.names:
+                if name in users:
+                    raise UsersError(f"user {name!r} is in {args.users.name} and in --auth")
+                users = users.with_user(from_file.get(name))
+    except UsersError as error:
+        parser.error(str(error))
+    args.logins = users if len(users) else None
     if not args.max_upload_mb > 0:
         parser.error("--max-upload-mb takes a size in MB above 0")
     for folder in args.allow_path:
@@ -119,14 +134,15 @@ def main(argv=None) -> None:
 
     # reachable by others: forms name files in the workspace and the --allow-path folders only (workbench.paths)
     ctx = AppContext.create(workspace, db_path=args.db, default_model=args.default_model, allowed_paths=args.allow_path,
-                            confined=reachable_by_others(args.host, share=args.share, auth=bool(args.auth)))
+                            confined=reachable_by_others(args.host, share=args.share, auth=args.logins is not None),
+                            users=args.logins)
     sweep_uploads(ctx.workspace / "tmp")  # uploads left by a server that was killed
     app = build_app(ctx)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
     app.queue(default_concurrency_limit=4)
     # Gradio's own start lines speak of launch(share=True) and GRADIO_SERVER_PORT: ours speak of the options
     # served: images, exports and the example only; uploads limited, other sites refused, logins slowed
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, quiet=True,
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.logins.check if args.logins else None,
+               quiet=True,
                show_error=True, footer_links=["api"], prevent_thread_lock=True,
                **launch_options(ctx, max_upload_mb=args.max_upload_mb, share_url=lambda: app.share_url))
     print(f"HSA Workbench on http://{args.host}:{args.port}" +

@@ -10,9 +10,27 @@ from conftest import ROOT, free_port, wait_for_http
 
 def test_defaults_are_local_and_private():
     args = parse_args([])
-    assert args.host == "127.0.0.1" and args.port == 7860 and not args.share and args.auth is None
+    assert args.host == "127.0.0.1" and args.port == 7860 and not args.share and args.logins is None
     with pytest.raises(SystemExit):
         parse_args(["--auth", "no-colon"])
+
+
+def test_logins_come_from_several_auth_pairs_and_a_users_file(tmp_path, capsys):
+    """Issue 23: a login per person; the file's users keep their roles, --auth users may do everything."""
+    from workbench.users import User, Users, hash_password
+
+    users = tmp_path / "users.txt"
+    Users([User("alice", hash_password("alice-password"))]).save(users)
+    logins = parse_args(["--auth", "ada:lovelace", "--auth", "bob:builder", "--users", str(users)]).logins
+    assert logins.names == ["ada", "alice", "bob"]
+    assert logins.check("alice", "alice-password") and logins.check("bob", "builder")
+    assert logins.get("ada").reviewer and not logins.get("alice").reviewer
+    for argv, message in ((["--users", str(tmp_path / "none.txt")], "cannot read the users file"),
+                          (["--auth", "alice:x", "--users", str(users)], "in users.txt and in --auth"),
+                          (["--auth", "a:1", "--auth", "a:2"], "given twice")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
