@@ -25,8 +25,9 @@ function extend(tok) {
 root.addEventListener('mousedown', e => {
   const tok = e.target.closest('.tok');
   if (!tok) return;
-  e.preventDefault();  // (no focus change: leave a box of the page, so that keys label the selection)
-  if (document.activeElement && root.contains(document.activeElement)) document.activeElement.blur();
+  e.preventDefault();  // no text selection; but a box or radio that had focus loses it, as on any click
+  // outside it, so that the keys that follow label the selection instead of going to that box
+  if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
   if (!(e.shiftKey && anchor)) anchor = {turn: +tok.dataset.t, k: +tok.dataset.k};
   dragging = true;
   extend(tok);

@@ -124,17 +124,18 @@ class Annotator:
         return {"conv_id": conv.id, "version": conv.version, "page": page,
                 "html": render_view(conv, view, page=page, focus=focus, disagree=regions),
                 "images": [str(p) for p in conv.images], "history": history,
-                "status": " ".join(x for x in (status, note, note_regions) if x) or
-                f"Conversation #{conv.position + 1}{whose} · version {conv.version}"
-                + (f" · last change by {conv.updated_by}" if conv.updated_by else "")}
+                "status": " · ".join(x for x in (" ".join(x for x in (status, note) if x) or
+                                                 f"Conversation #{conv.position + 1}{whose} · version {conv.version}"
+                                                 + (f" · last change by {conv.updated_by}" if conv.updated_by else ""),
+                                                 note_regions) if x)}
 
     def disagreements(self, conv) -> tuple[list, str]:
         """Where the annotators' copies of `conv` give characters different roles, and a note on it."""
         copies = self.store.copies(conv.id)
         if len(copies) < 2:
-            return [], f"(Disagreements: {len(copies)} annotator cop{'y' if len(copies) == 1 else 'ies'}, two are needed.)"
+            return [], f"no disagreements to show: {len(copies)} annotator cop{'y' if len(copies) == 1 else 'ies'}, two are needed"
         regions = disagreements(conv.as_conversation(), {name: c.labels for name, c in copies.items()})
-        return regions, f"({len(regions)} disagreement{'s' * (len(regions) != 1)} among {', '.join(copies)}, outlined in red.)"
+        return regions, f"{len(regions)} disagreement{'s' * (len(regions) != 1)} among {', '.join(copies)}, outlined in red"
 
     def turn_page(self, conv_id, model: str, data: dict, who=None, disagreements: bool = False) -> dict:
         """The page the browser's pager asks for: {"page": n} (0-based) or {"turn": t} (the page
