@@ -62,8 +62,8 @@ class HSAHybridConfig(FalconH1Config):
         Keys a sliding-window query sees, itself included.
     gate_rank (`int`, defaults to 16):
         Rank of the fusion gate g = sigmoid(D tanh(U z)).
-    mamba_chunk_size: defaults to 64 here (FalconH1: 256): the PyTorch chunked scan measured 1.35-1.5x
-        faster on CPU with 64, same outputs (with ssd.py's scan: 32 = 64, 128 10-20% slower).
+    mamba_chunk_size: defaults to 64 here (FalconH1: 256): the PyTorch chunked scan is faster on CPU with
+        64, with the same outputs (bench/RESULTS.md, "Design measurements").
     """
 
     model_type = MODEL_TYPE

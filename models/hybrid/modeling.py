@@ -136,7 +136,7 @@ class HybridMixer(FalconH1Mixer):
     def causal_conv(self, xbc: torch.Tensor, last: int) -> torch.Tensor:
         """The depthwise causal conv1d over xbc [B, T, C] (zeros before the first position), its last
         `last` outputs, as kernel-size shifted multiply-adds in the [B, T, C] layout: the library's
-        conv1d needs a [B, C, T] copy and took ~25 ms per mixer at 4k tokens, this ~5."""
+        conv1d needs a [B, C, T] copy and is several times slower (bench/RESULTS.md, "Design measurements")."""
         weight = self.conv1d.weight[:, 0]  # [C, K]
         xbc = xbc.to(weight.dtype)  # as the library's conv1d
         kernel, length = weight.shape[1], xbc.shape[1]

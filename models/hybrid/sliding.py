@@ -3,7 +3,8 @@
 A query at position i sees the keys at positions j with i - window < j <= i (itself included), the
 convention of transformers' sliding-window masks and caches. Queries are processed in blocks; a block
 of queries [s, e) only needs the keys [s - window + 1, e), so the work is O(L * (window + block))
-instead of O(L^2). A dense masked L x L softmax measured 1.55x slower at 4k tokens on CPU.
+instead of O(L^2), faster than a dense masked L x L softmax at long lengths (bench/RESULTS.md,
+"Design measurements").
 """
 from __future__ import annotations
 

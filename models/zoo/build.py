@@ -327,10 +327,9 @@ def clean_stage(steps: int = CLEAN_STEPS, *, batch_size: int = 16, seed: int = 0
 def noisy_stage(steps: int = 200, *, hsa: bool = True, noise: shapes.NoiseSpec = shapes.TRAIN_NOISE,
                 batch_size: int = 16, seed: int = 0, threads: int | None = None) -> BuildSettings:
     """Stage 2: NOISE turns of the training kinds (chit-chat, false claims) before 30% of the questions,
-    at a third of the learning rate, with HSA or plain attention. It keeps clean accuracy (0.978 after
-    the clean stage, 0.991 after this one with HSA: the experiment's three seeds) while teaching the
-    model to answer past NOISE; a one-stage build on noisy data from the start reached only about
-    0.75 (an older recipe)."""
+    at a third of the learning rate, with HSA or plain attention. It keeps clean accuracy while teaching
+    the model to answer past NOISE, which a one-stage build on noisy data from the start did not
+    (models/zoo/README.md has the figures)."""
     return BuildSettings(steps=steps, batch_size=batch_size, seed=seed, hsa=hsa, noise=noise, threads=threads,
                          data_split="noisy", learning_rate=1e-3, warmup_steps=min(30, steps // 10))
 

@@ -76,7 +76,7 @@ class GateSettings:
 
 def lm_stage(steps: int = 1000, *, seed: int = 0) -> C.Stage:
     """The composed LM stage without the look-up loss: with it (weight 3, on the full-attention layers)
-    the hybrid LM stalled at loss 0.27 (colour unreadable, 0.37 accuracy); without it, 0.14 by step 350."""
+    the hybrid LM stalled, unable to read colours (models/zoo/README.md has the figures)."""
     stage = C.lm_stage(steps, seed=seed)
     stage.lookup_weight = 0.0
     return stage
