@@ -288,3 +288,26 @@ def test_saving_a_pair_stores_it_once_and_says_so(tmp_path):
     assert send_to_annotate(ctx, st, "", "chat").startswith("Saved the conversation to dataset **chat**")
     assert send_to_annotate(ctx, st, "", "chat").startswith("Already there: this conversation is conversation #1")
     assert "No pair saved" in save_preference(ctx, {"a": st["a"], "b": []}, "", "prefs", "a")
+
+
+def test_a_conversation_in_use_keeps_its_images_past_the_upload_sweep(tmp_path):
+    """A chat's first pictures are used by every later reply: answering marks them in use, so the sweep of
+    day-old uploads (workbench.web.sweep_uploads, and Gradio's delete_cache by the same times) keeps them."""
+    import os
+    import time
+
+    from conftest import shapes_png
+    from workbench.chat import keep_images
+    from workbench.web import sweep_uploads
+
+    uploads = tmp_path / "tmp"
+    (uploads / "a1").mkdir(parents=True)
+    (uploads / "b2").mkdir()
+    in_use, forgotten = shapes_png(uploads / "a1" / "scene.png"), shapes_png(uploads / "b2" / "old.png")
+    two_days_ago = time.time() - 2 * 86400
+    for path in (in_use, forgotten, in_use.parent, forgotten.parent):
+        os.utime(path, (two_days_ago, two_days_ago))
+    keep_images([user_turn({"text": "Which shape is red?", "files": [str(in_use)]}), ChatTurn("assistant", "A circle.")])
+    assert sweep_uploads(uploads) == 1
+    assert in_use.is_file() and not forgotten.exists()
+    keep_images([ChatTurn("user", "gone", [str(tmp_path / "missing.png")])])  # nothing to keep: no error

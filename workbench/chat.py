@@ -71,6 +71,18 @@ def check_image(path: str) -> str:
     return str(file)
 
 
+def keep_images(turns: list[ChatTurn]) -> None:
+    """Mark the conversation's images as in use (their times set to now): uploads are swept a day after
+    they last changed (workbench.web, Gradio's delete_cache), and a chat that is still going on needs the
+    pictures of its first turns. An image already gone is left to the reply to report."""
+    for turn in turns:
+        for image in turn.images:
+            try:
+                os.utime(image)
+            except OSError:
+                pass
+
+
 def user_turn(message: dict | str | None, role=None) -> ChatTurn:
     """A MultimodalTextbox value ({"text", "files"}) as a user turn, checked."""
     if isinstance(message, str):

@@ -10,8 +10,8 @@ import gradio as gr
 
 from models.hsa import ROLE_NAMES
 from workbench.chat import (TABLE_HEADERS, ChatInputError, ChatTurn, ModelPool, display_messages,
-                            finished_runs, history_from_api, is_out_of_memory, preference_pair, retry_last,
-                            shared_pool, to_record, turns_table, user_turn, vlm_key, without_failed)
+                            finished_runs, history_from_api, is_out_of_memory, keep_images, preference_pair,
+                            retry_last, shared_pool, to_record, turns_table, user_turn, vlm_key, without_failed)
 from workbench.ui.context import AppContext
 
 NONE = "(none)"
@@ -69,6 +69,7 @@ def answer(backend: ChatBackend, st: dict, choices: list[str], system: str, hsa_
     if not st["a"] or st["a"][-1].speaker != "user" or st["a"][-1].failed:
         yield st, gr.skip()  # nothing to answer (e.g. the message was refused): keep the status that says why
         return
+    keep_images(st["a"])  # answering uses every picture of the conversation: none may be swept meanwhile
     sides = [("a", choices[0])] + ([("b", choices[1])] if len(choices) > 1 and choices[1] not in (None, "", NONE) else [])
     for side, choice in sides:
         history = st[side]
