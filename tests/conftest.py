@@ -330,3 +330,108 @@ def screenshot(page, name: str) -> Path:
 # refused, and the default eval split holds out one record and leaves one
 TINY_DATASET = json.dumps([{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "Hello."}]}
                            for q in ("Hi", "Hello")])
+
+
+# --- the annotation store on both engines: SQLite and a real PostgreSQL server ---------------------
+
+STORE_ENGINES = ("sqlite", "postgresql")
+SKIP_POSTGRES = os.environ.get("HSA_SKIP_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of our own for the session (initdb + pg_ctl, as the postgres user when run
+    as root), stopped and removed at the end. Missing binaries fail the PostgreSQL half of the store
+    tests (scripts/test.sh installs Debian's postgresql), unless HSA_SKIP_POSTGRES=1 says to skip it."""
+    from workbench.store.pgserver import PostgresNotFound, PostgresServer
+
+    try:
+        server = PostgresServer().start()
+    except PostgresNotFound as e:
+        if SKIP_POSTGRES:
+            pytest.skip(f"HSA_SKIP_POSTGRES=1: {e}")
+        pytest.fail(f"{e}; set HSA_SKIP_POSTGRES=1 to skip the PostgreSQL half of the store tests", pytrace=False)
+    try:
+        from workbench.store import Store
+
+        # a template with the store's schema: each test's database is a copy of it, migrated already
+        with Store(with_images(server.create_database("hsa_template"), server.root / "images")):
+            pass
+        yield server
+    finally:
+        server.stop()
+
+
+_databases = iter(range(10 ** 9))
+
+
+@contextlib.contextmanager
+def postgres_database(server, image_dir: Path, *, template: str = "hsa_template"):
+    """A fresh database on `server` (a copy of `template`) for one test; yields its store URL (images in
+    `image_dir`), dropped afterwards even if a connection was left open."""
+    name = f"t{os.getpid()}_{next(_databases)}"
+    url = server.create_database(name, template=template)
+    try:
+        yield with_images(url, image_dir)
+    finally:
+        server.drop_database(name)
+
+
+def with_images(url: str, image_dir) -> str:
+    return f"{url}{'&' if '?' in url else '?'}image_dir={image_dir}"
+
+
+@pytest.fixture(params=STORE_ENGINES)
+def store_url(request, tmp_path):
+    """Where a test's store lives, once per engine: a SQLite file path (images beside it), or the URL
+    of a fresh PostgreSQL database (images in tmp_path/db/images, given in the URL)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "db" / "workbench.db")
+        return
+    server = request.getfixturevalue("postgres_server")
+    with postgres_database(server, tmp_path / "db" / "images") as url:
+        yield url
+
+
+@pytest.fixture
+def blank_postgres_url(postgres_server, tmp_path):
+    """A PostgreSQL database with no tables (the store creates its schema on opening)."""
+    with postgres_database(postgres_server, tmp_path / "db" / "images", template="template0") as url:
+        yield url
+
+
+def sql(store, query: str, **params) -> list[tuple]:
+    """Rows of a query straight on a store's database (either engine), outside the store's API."""
+    import sqlalchemy as sa
+
+    with store.engine.connect() as db:
+        return [tuple(row) for row in db.execute(sa.text(query), params)]
+
+
+def table_counts(store) -> dict:
+    return {t: sql(store, f"SELECT COUNT(*) FROM {t}")[0][0]
+            for t in ("conversations", "turns", "spans", "images", "revisions")}
+
+
+def check_integrity(store) -> None:
+    """SQLite: integrity_check and foreign_key_check; PostgreSQL checks both on every write."""
+    if store.kind == "sqlite":
+        assert sql(store, "PRAGMA integrity_check")[0][0] == "ok"
+        assert sql(store, "PRAGMA foreign_key_check") == []
+
+
+def empty_store(store) -> None:
+    """Remove every row of a store (between hypothesis examples on one PostgreSQL database)."""
+    tables = "assignments, copies, revisions, images, spans, turns, conversations, datasets"
+    if store.kind == "postgresql":
+        sql_write(store, f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    else:
+        for table in tables.split(", "):
+            sql_write(store, f"DELETE FROM {table}")
+
+
+def sql_write(store, query: str, **params) -> None:
+    import sqlalchemy as sa
+
+    with store.engine.begin() as db:
+        db.execute(sa.text(query), params)

@@ -3,7 +3,6 @@ undo/redo, history, export round trips, offsets in any script."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, shapes_png
+from conftest import ROOT, shapes_png, table_counts
 from models.hsa import GLOBAL, LANDMARK, NOISE
 from models.data.align import Span, align_record, normalize_record
 from workbench.store import (FileError, StaleVersionError, Store, StoreError, export_dataset, import_file,
@@ -26,8 +25,8 @@ def record(user="What colour is the circle?", answer="It is red.", **extra):
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "db" / "workbench.db") as s:
+def store(store_url):
+    with Store(store_url) as s:
         yield s
 
 
@@ -46,14 +45,7 @@ def write_json(path: Path, records) -> Path:
     return path
 
 
-def counts(store) -> dict:
-    db = sqlite3.connect(store.path)
-    try:
-        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                for t in ("conversations", "turns", "spans", "images", "revisions")}
-    finally:
-        db.close()
-
+counts = table_counts
 
 # --- import --------------------------------------------------------------------------------------
 
@@ -129,8 +121,8 @@ def test_malformed_json_file_is_refused_whole_and_jsonl_lines_one_by_one(store, 
     assert report.errors == [report.errors[0]] and report.errors[0].startswith("record 1 (line 2): malformed JSON")
 
 
-def test_cli_exit_codes_and_messages(tmp_path, data_dir, capsys):
-    db = tmp_path / "cli.db"
+def test_cli_exit_codes_and_messages(tmp_path, data_dir, capsys, store_url):
+    db = store_url
     good = write_json(data_dir / "good.json", [record(), record("More?")])
     assert cli(["import", str(good), "--db", str(db)]) == 0
     mixed = write_json(data_dir / "mixed.json", [record("Third?"), {"conversations": [{"from": "x", "value": "y"}]}])
@@ -144,8 +136,8 @@ def test_cli_exit_codes_and_messages(tmp_path, data_dir, capsys):
         assert s.dataset("good").total == 3
 
 
-def test_cli_in_a_real_process(tmp_path, data_dir):
-    db, out = tmp_path / "p.db", tmp_path / "out"
+def test_cli_in_a_real_process(tmp_path, data_dir, store_url):
+    db, out = store_url, tmp_path / "out"
     src = write_json(data_dir / "shapes.json", [record(), {"conversations": "nope"}])
     run = lambda *a: subprocess.run([sys.executable, "-m", "workbench.store", *a], cwd=ROOT,  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
@@ -370,7 +362,7 @@ def test_semantic_ids_export_matches_alignment_with_a_local_tokenizer(store, tmp
     report = import_records(store, "ids", [(f"record {i}", r) for i, r in enumerate(recs)])
     assert not report.errors
     assert cli(["export", "ids", "--format", "semantic-ids", "--model", str(model_dir),
-                "--out", str(tmp_path / "o"), "--db", str(store.path)]) == 0
+                "--out", str(tmp_path / "o"), "--db", store.url]) == 0
     lines = [json.loads(line) for line in (tmp_path / "o" / "ids.semantic_ids.jsonl").read_text().splitlines()]
     assert len(lines) == 2
     for rec, line in zip(recs, lines):

@@ -7,10 +7,10 @@ names it, and must store every valid one, whole. Run through the API (as the CLI
 upload (images confined to the upload) and once through the real command."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, shapes_png
+import sqlalchemy as sa
+
+from conftest import ROOT, check_integrity, postgres_database, shapes_png
+from workbench.store import schema
 from workbench.store import Store, import_file, import_upload
 from workbench.store.io import INTERNAL_ERROR
 
@@ -233,39 +236,49 @@ def check(report, cases: list[Case], store: Store, *, confined: bool) -> Tally:
             tally.by_attack[case.kind] = tally.by_attack.get(case.kind, 0) + 1
         if got:
             tally.refused += 1
-            assert str(store.path.parent) not in got[0]  # no server path in a message (the record's own words only)
+            assert str(store.image_dir.parent) not in got[0]  # no server path in a message (the record's own words only)
         else:
             tally.stored += 1
     assert tally.stored == report.stored and tally.stored + tally.refused + tally.crashed == len(cases)
     # every valid record is stored whole: its first text is there, once per valid record that has it
-    db = sqlite3.connect(store.path)
-    try:
-        firsts = {}
-        for (text,) in db.execute("SELECT text FROM turns WHERE turn = (SELECT MIN(turn) FROM turns t2 WHERE "
-                                  "t2.conversation_id = turns.conversation_id AND t2.speaker = 'user') "
-                                  "AND speaker = 'user'"):
-            firsts[text] = firsts.get(text, 0) + 1
-        for case in cases:
-            if case.kind == "valid":
-                assert firsts.get(case.text, 0) >= 1, case.line[:300]
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-    finally:
-        db.close()
+    firsts, seen = {}, set()
+    turns = schema.turns.c  # read through the store's table, whose text type decodes what PostgreSQL keeps encoded
+    with store.engine.connect() as db:  # (a text with a NUL character)
+        for cid, text in db.execute(sa.select(turns.conversation_id, turns.text).where(turns.speaker == "user")
+                                    .order_by(turns.conversation_id, turns.turn)):
+            if cid not in seen:
+                seen.add(cid)
+                firsts[text] = firsts.get(text, 0) + 1
+    for case in cases:
+        if case.kind == "valid":
+            assert firsts.get(case.text, 0) >= 1, case.line[:300]
+    check_integrity(store)
     return tally
 
 
-def run_fuzz(tmp_path: Path, n: int, seed: int) -> tuple[Tally, Tally]:
+@contextlib.contextmanager
+def two_stores(tmp_path: Path, engine: str, server=None):
+    """Two empty stores' locations on `engine` (the API run and the upload run each get one)."""
+    if engine == "sqlite":
+        yield str(tmp_path / "api.db"), str(tmp_path / "upload.db")
+        return
+    with postgres_database(server, tmp_path / "api-images") as api, \
+            postgres_database(server, tmp_path / "upload-images") as upload:
+        yield api, upload
+
+
+def run_fuzz(tmp_path: Path, n: int, seed: int, engine: str = "sqlite", server=None) -> tuple[Tally, Tally]:
     data = tmp_path / "data"
     make_images(data)
     cases = make_cases(n, seed)
     src = data / "fuzz.jsonl"
     write_cases(src, cases)
-    with Store(tmp_path / "api.db") as store:
-        api = check(import_file(store, src, dataset="fuzz"), cases, store, confined=False)
-    with Store(tmp_path / "upload.db") as store:
-        files = [src] + [data / name for name in IMAGES] + [data / "broken.png", data / "text.png"]
-        upload = check(import_upload(store, files, "fuzz", tmp_path / "staging"), cases, store, confined=True)
+    with two_stores(tmp_path, engine, server) as (api_location, upload_location):
+        with Store(api_location) as store:
+            api = check(import_file(store, src, dataset="fuzz"), cases, store, confined=False)
+        with Store(upload_location) as store:
+            files = [src] + [data / name for name in IMAGES] + [data / "broken.png", data / "text.png"]
+            upload = check(import_upload(store, files, "fuzz", tmp_path / "staging"), cases, store, confined=True)
     return api, upload
 
 
@@ -275,8 +288,10 @@ def summary(label: str, tally: Tally) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_thousands_of_hostile_records_are_refused_by_name_and_the_valid_ones_stored(tmp_path):
-    api, upload = run_fuzz(tmp_path, n=3000, seed=19)
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_thousands_of_hostile_records_are_refused_by_name_and_the_valid_ones_stored(tmp_path, engine, request):
+    server = request.getfixturevalue("postgres_server") if engine == "postgresql" else None
+    api, upload = run_fuzz(tmp_path, n=3000, seed=19, engine=engine, server=server)
     print("\n" + summary("fuzz (API)", api) + "\n" + summary("fuzz (upload)", upload))
     assert api.crashed == 0 and upload.crashed == 0
     assert len(api.by_attack) == len(ATTACKS) + len(TEXT_ATTACKS)  # every attack was tried and refused

@@ -1,9 +1,11 @@
 """Hostile input to the store (issue 19, items 9, 10, 13, 14), each reproduced with real files, a
-real FIFO, a real second SQLite connection holding the write lock and a real killed import process:
-a bad record is refused by name while the valid ones around it are stored; nothing blocks or ends in
-a traceback; a re-import after a crash stores nothing twice and leaves no stray files."""
+real FIFO, a real second connection holding the write lock (SQLite) or the rows a write needs
+(PostgreSQL) and a real killed import process: a bad record is refused by name while the valid ones
+around it are stored; nothing blocks or ends in a traceback; a re-import after a crash stores nothing
+twice and leaves no stray files. Tests that take a `store` or `store_url` run on both engines."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -13,9 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from conftest import ROOT, shapes_png
-from workbench.store import FileError, Store, StoreError, import_file, import_records, import_upload, load_records
+from conftest import ROOT, check_integrity, shapes_png, sql, sql_write
+from models.data.align import Span
+from workbench.store import (FileError, StaleVersionError, Store, StoreBusyError, StoreError, import_file,
+                             import_records, import_upload, load_records)
+from workbench.store.engine import locate
 
 
 def record(user="What colour is the circle?", answer="It is red.", **extra):
@@ -35,8 +41,8 @@ def cli(*args, timeout=60):
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "db" / "workbench.db") as s:
+def store(store_url):
+    with Store(store_url) as s:
         yield s
 
 
@@ -166,6 +172,60 @@ def test_list_and_export_do_not_wait_for_the_write_lock(tmp_path, data_dir):
         holder.close()
 
 
+def postgres_holder(url: str):
+    """A second PostgreSQL connection (as another process would) with a transaction open."""
+    import psycopg
+
+    u = locate(url).url
+    holder = psycopg.connect(host=u.query["host"], port=int(u.query["port"]), user=u.username, dbname=u.database)
+    return holder
+
+
+def test_postgresql_a_write_waiting_out_a_lock_is_a_clear_busy_error(blank_postgres_url, data_dir):
+    with Store(blank_postgres_url) as store:
+        [cid] = import_records(store, "d", [("record 0", record())]).conversation_ids
+    holder = postgres_holder(blank_postgres_url)
+    try:  # another process in the middle of an edit of this conversation, and of an import into "d"
+        holder.execute("SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (cid,))
+        holder.execute("SELECT 1 FROM datasets WHERE name = 'd' FOR UPDATE")
+        with Store(blank_postgres_url, busy_timeout_s=0.3) as store:
+            t0 = time.monotonic()
+            with pytest.raises(StoreBusyError, match="busy.*try again"):
+                store.set_span(cid, 0, 0, 3, "noise", expected_version=1)
+            with pytest.raises(StoreBusyError, match="busy.*try again"):
+                import_records(store, "d", [("record 0", record("Another?"))])
+            assert time.monotonic() - t0 < 10
+            # reads wait for nobody, and another dataset imports
+            assert store.conversation(cid).version == 1 and [d.name for d in store.datasets()] == ["d"]
+            assert import_records(store, "e", [("record 0", record())]).stored == 1
+        holder.rollback()
+        with Store(blank_postgres_url) as store:  # once free, the edit goes through
+            assert store.set_span(cid, 0, 0, 3, "noise", expected_version=1).version == 2
+    finally:
+        holder.close()
+
+
+def test_postgresql_a_new_database_busy_while_its_tables_are_made_is_a_clear_error(blank_postgres_url):
+    from workbench.store.migrate import ADVISORY_KEY
+
+    holder = postgres_holder(blank_postgres_url)
+    try:  # another workbench creating the tables right now
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_KEY,))
+        with pytest.raises(StoreError, match="busy.*try again"):
+            Store(blank_postgres_url, busy_timeout_s=0.2)
+    finally:
+        holder.close()
+    with Store(blank_postgres_url) as store:
+        assert store.datasets() == []
+
+
+def test_a_database_made_by_a_newer_workbench_is_a_clear_error(store_url):
+    with Store(store_url) as store:
+        sql_write(store, "UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(StoreError, match="newer than this workbench knows"):
+        Store(store_url)
+
+
 def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
     bad = tmp_path / "notes.db"
     bad.write_text("these are my notes, not a database " * 100)
@@ -186,15 +246,24 @@ def test_a_record_with_both_conversations_and_messages_is_refused_by_name(store,
 
 # --- item 13: a re-import stores nothing twice ---------------------------------------------------------
 
-def conversation_count(path, dataset=None) -> int:
-    db = sqlite3.connect(path)
-    try:
-        if dataset is None:
-            return db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
-        return db.execute("SELECT COUNT(*) FROM conversations c JOIN datasets d ON d.id = c.dataset_id "
-                          "WHERE d.name = ?", (dataset,)).fetchone()[0]
-    finally:
-        db.close()
+@functools.lru_cache(maxsize=None)
+def _engine(location: str) -> sa.Engine:
+    """A plain engine on a store's database (no pool: each look is a fresh connection, as another process's)."""
+    return sa.create_engine(locate(location).url, poolclass=sa.pool.NullPool)
+
+
+def _rows(location, query: str, **params) -> list[tuple]:
+    if not str(location).startswith("postgresql") and not Path(locate(location).path).exists():
+        raise sa.exc.OperationalError(query, params, Exception("no database file yet"))
+    with _engine(str(location)).connect() as db:
+        return [tuple(r) for r in db.execute(sa.text(query), params)]
+
+
+def conversation_count(location, dataset=None) -> int:
+    if dataset is None:
+        return _rows(location, "SELECT COUNT(*) FROM conversations")[0][0]
+    return _rows(location, "SELECT COUNT(*) FROM conversations c JOIN datasets d ON d.id = c.dataset_id "
+                           "WHERE d.name = :name", name=dataset)[0][0]
 
 
 def test_importing_a_file_again_skips_and_names_the_records_already_there(store, data_dir):
@@ -232,35 +301,205 @@ def test_the_command_reports_skipped_records_and_exits_0(tmp_path, data_dir):
     assert "skipped: record 1: already in dataset 'r' as conversation #2" in done.stderr
 
 
-def make_old_database(path, data_dir) -> None:
-    """A database as the store wrote it before content keys (schema version 0), one conversation
-    edited after its import."""
+LEGACY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    source TEXT,
+    extra TEXT NOT NULL DEFAULT '{}',
+    search_text TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 1,
+    labelled INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL DEFAULT '',
+    content_key TEXT,  -- what was imported (see content_key), unchanged by edits
+    UNIQUE (dataset_id, position)
+);
+CREATE TABLE IF NOT EXISTS turns (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    turn INTEGER NOT NULL,
+    speaker TEXT NOT NULL CHECK (speaker IN ('system', 'user', 'assistant')),
+    text TEXT NOT NULL,
+    role INTEGER NOT NULL CHECK (role IN (0, 1, 2)),
+    PRIMARY KEY (conversation_id, turn)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spans (
+    conversation_id INTEGER NOT NULL,
+    turn INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
+    role INTEGER NOT NULL CHECK (role IN (0, 1, 2)),
+    CHECK (0 <= start AND start < "end"),
+    PRIMARY KEY (conversation_id, turn, start),
+    FOREIGN KEY (conversation_id, turn) REFERENCES turns(conversation_id, turn) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS images (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    file TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revisions (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('import', 'edit', 'undo', 'redo')),
+    -- edits only: 0 = in effect, 1 = undone (can be redone), 2 = undone and superseded
+    state INTEGER NOT NULL DEFAULT 0,
+    action TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    before TEXT,
+    after TEXT
+);
+CREATE INDEX IF NOT EXISTS revisions_by_conversation ON revisions (conversation_id, kind, state);
+CREATE INDEX IF NOT EXISTS conversations_by_dataset ON conversations (dataset_id, position);
+"""  # the schema as the store wrote it before Alembic (b1d7a30 and earlier), version 1 with the key index
+
+
+def make_old_database(path, data_dir, version: int = 0) -> None:
+    """A database as the store wrote it before migrations: schema version 1 (`PRAGMA user_version = 1`),
+    or version 0 (before content keys). One conversation imported with an image, one imported and then
+    edited (its turn 0 made NOISE, a span on turn 1, one edit undone), as that code wrote them."""
+    import hashlib
+
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(LEGACY_SCHEMA)
+    db.execute("CREATE INDEX IF NOT EXISTS conversations_by_key ON conversations (dataset_id, content_key)")
+    image = (data_dir / "red.png").read_bytes()
+    sha = hashlib.sha256(image).hexdigest()
+    (path.parent / "images" / sha[:2]).mkdir(parents=True, exist_ok=True)
+    (path.parent / "images" / sha[:2] / f"{sha}.png").write_bytes(image)
+    now = 1_700_000_000.0
+    db.execute("BEGIN")
+    db.execute("INSERT INTO datasets (id, name, created_at) VALUES (1, 'old', ?)", (now,))
+    after = '[[0, []], [1, []]]'
+    for cid, (rec, key) in enumerate([(record(), "k1"), (image_record("red.png"), "k2")], 1):
+        turns = rec["conversations"]
+        db.execute("INSERT INTO conversations (id, dataset_id, position, source, extra, search_text, version, labelled, "
+                   "created_at, updated_at, updated_by, content_key) VALUES (?, 1, ?, ?, '{}', ?, 1, ?, ?, ?, 'import', NULL)",
+                   (cid, cid - 1, f"old.json record {cid - 1}", "\n".join(t["value"] for t in turns).casefold(),
+                    int(cid == 1), now, now))
+        for i, t in enumerate(turns):
+            db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?)",
+                       (cid, i, "user" if t["from"] == "human" else "assistant", t["value"],
+                        1 if t.get("semantic_type") == "LANDMARK" else 0))
+        db.execute("INSERT INTO revisions (conversation_id, version, kind, action, author, created_at, after) "
+                   "VALUES (?, 1, 'import', ?, 'import', ?, ?)",
+                   (cid, f"imported from old.json record {cid - 1}", now, after if cid == 1 else '[[0, []], [0, []]]'))
+    db.execute("INSERT INTO images VALUES (2, 0, ?, ?)", (sha, f"{sha[:2]}/{sha}.png"))
+    # conversation 1: three edits, the last undone
+    db.execute("UPDATE turns SET role = 2 WHERE conversation_id = 1 AND turn = 0")
+    db.execute('INSERT INTO spans VALUES (1, 1, 0, 2, 2)')
+    for version, kind, state, action, before, after_ in [
+            (2, "edit", 0, "turn 0 → noise", '[[0, []], [1, []]]', '[[2, []], [1, []]]'),
+            (3, "edit", 0, "turn 1 chars 0..2 → noise", '[[2, []], [1, []]]', '[[2, []], [1, [[0, 2, 2]]]]'),
+            (4, "edit", 1, "turn 1 chars 3..5 → global", '[[2, []], [1, [[0, 2, 2]]]]', '[[2, []], [1, [[0, 2, 2], [3, 5, 0]]]]'),
+            (5, "undo", 0, "undo: turn 1 chars 3..5 → global", '[[2, []], [1, [[0, 2, 2], [3, 5, 0]]]]',
+             '[[2, []], [1, [[0, 2, 2]]]]')]:
+        db.execute("INSERT INTO revisions (conversation_id, version, kind, state, action, author, created_at, before, "
+                   "after) VALUES (1, ?, ?, ?, ?, 'ann', ?, ?, ?)", (version, kind, state, action, now + version, before, after_))
+    db.execute("UPDATE conversations SET version = 5, updated_by = 'ann' WHERE id = 1")
+    db.execute("COMMIT")
+    if version == 0:
+        db.execute("DROP INDEX conversations_by_key")
+        db.execute("ALTER TABLE conversations DROP COLUMN content_key")
+    else:  # version 1 keyed every conversation at import
+        from workbench.store.db import content_key, labels_from_json
+
+        for cid, rec in [(1, record()), (2, image_record("red.png"))]:
+            labels = labels_from_json(db.execute("SELECT after FROM revisions WHERE conversation_id = ? AND kind = 'import'",
+                                                 (cid,)).fetchone()[0])
+            turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in rec["conversations"]]
+            db.execute("UPDATE conversations SET content_key = ? WHERE id = ?",
+                       (content_key(turns, labels, [sha] if cid == 2 else [], {}), cid))
+    db.execute(f"PRAGMA user_version = {version}")
+    db.close()
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_an_older_database_is_upgraded_in_place_losing_nothing(tmp_path, data_dir, version):
+    path = tmp_path / "old.db"
+    make_old_database(path, data_dir, version)
+    before = {t: sqlite3.connect(path).execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+              for t in ("datasets", "turns", "spans", "images")}
     with Store(path) as store:
+        # everything is there: labels, history, undo/redo state, images
+        conv = store.conversation(1)
+        assert conv.version == 5 and conv.updated_by == "ann"
+        assert conv.labels() == [(2, []), (1, [Span(0, 2, 2)])]
+        assert [(r.version, r.kind, r.state, r.author) for r in store.history(1)] == [
+            (1, "import", 0, "import"), (2, "edit", 0, "ann"), (3, "edit", 0, "ann"), (4, "edit", 1, "ann"),
+            (5, "undo", 0, "ann")]
+        assert store.conversation(2).images[0].read_bytes() == (data_dir / "red.png").read_bytes()
+        assert store.can_redo(1) and store.can_undo(1)
+        conv = store.redo(1, expected_version=5, author="bob")
+        assert conv.labels() == [(2, []), (1, [Span(0, 2, 2), Span(3, 5, 0)])]
+        # the import revision's labels are where an annotator's copy starts
+        assert store.conversation(1, annotator="alice").labels() == [(0, []), (1, [])]
+        # rows are keyed as imported: importing the same records again skips both
         report = import_file(store, write_json(data_dir / "old.json", [record(), image_record("red.png")]),
                              dataset="old")
-        store.set_turn_role(report.conversation_ids[0], 0, "noise", expected_version=1)
-    db = sqlite3.connect(path)
-    db.execute("DROP INDEX conversations_by_key")
-    db.execute("ALTER TABLE conversations DROP COLUMN content_key")
-    db.execute("PRAGMA user_version = 0")
-    db.commit()
-    db.close()
-
-
-def test_an_older_database_is_migrated_and_its_rows_keyed(tmp_path, data_dir):
-    path = tmp_path / "old.db"
-    make_old_database(path, data_dir)
-    with Store(path) as store:
-        report = import_file(store, data_dir / "old.json", dataset="old")
         assert report.stored == 0 and len(report.skipped) == 2, report
-        assert store.conversation(1).turns[0].role == 2  # the edit survived the migration
+        assert store.dataset("old").total == 2
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
     assert db.execute("SELECT COUNT(*) FROM conversations WHERE content_key IS NULL").fetchone()[0] == 0
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok" and db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for table, rows in before.items():
+        if table != "turns" and table != "spans":
+            assert db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() == rows
+    assert db.execute("SELECT * FROM turns ORDER BY 1, 2").fetchall() == before["turns"]
     db.close()
 
 
-# --- items 13 and 14: an import killed with SIGKILL, then run again ------------------------------------
+def open_at_once(location, n: int = 4) -> list:
+    """`n` Stores (each with its own connections, as separate processes would have) opened at the same
+    moment on `location`; returns what each saw (datasets, or the error it raised)."""
+    import threading
+
+    barrier, seen = threading.Barrier(n), []
+
+    def open_one():
+        barrier.wait()
+        try:
+            with Store(location) as store:
+                seen.append([(d.name, d.total) for d in store.datasets()])
+        except Exception as e:  # noqa: BLE001 - the test shows it
+            seen.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(n)]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    return seen
+
+
+def test_stores_opening_an_old_database_at_once_upgrade_it_once(tmp_path, data_dir):
+    path = tmp_path / "old.db"
+    make_old_database(path, data_dir, 0)
+    assert open_at_once(str(path)) == [[("old", 2)]] * 4
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+    assert db.execute("SELECT COUNT(*) FROM revisions").fetchone()[0] == 6  # nothing done twice
+    db.close()
+
+
+def test_stores_opening_a_new_postgresql_database_at_once_make_its_tables_once(blank_postgres_url):
+    assert open_at_once(blank_postgres_url) == [[]] * 4
+    with Store(blank_postgres_url) as store:
+        assert sql(store, "SELECT version_num FROM alembic_version") == [("0002",)]
+
 
 def noise_png(path: Path, seed: int, size: int = 96) -> None:
     import numpy as np
@@ -270,37 +509,39 @@ def noise_png(path: Path, seed: int, size: int = 96) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def stray_files(image_dir: Path, db_path: Path) -> list[str]:
+def stray_files(image_dir: Path, location) -> list[str]:
     """Files under image_dir that no row names: temporaries, images of uncommitted records, markers."""
     if not image_dir.exists():
         return []
-    db = sqlite3.connect(db_path)
     try:
-        named = {f for (f,) in db.execute("SELECT DISTINCT file FROM images")}
-    except sqlite3.OperationalError:
+        named = {f for (f,) in _rows(location, "SELECT DISTINCT file FROM images")}
+    except sa.exc.DBAPIError:  # no database or no tables yet
         named = set()
-    finally:
-        db.close()
     return sorted(str(p.relative_to(image_dir)) for p in image_dir.rglob("*")
                   if p.is_file() and str(p.relative_to(image_dir)) not in named)
 
 
-def kill_mid_batch(child: subprocess.Popen, image_dir: Path, db_path: Path, after: int, timeout: float = 120) -> bool:
+def kill_mid_batch(child: subprocess.Popen, image_dir: Path, location, after: int, timeout: float = 120) -> bool:
     """SIGKILL the importer as soon as more than `after` conversations are committed and it has image
     files on disk that no committed row names yet (inside a later batch); False when it finished first."""
     t0 = time.monotonic()
     while child.poll() is None and time.monotonic() - t0 < timeout:
-        if any(not s.startswith(".importing-") for s in stray_files(image_dir, db_path)) and \
-                db_path.exists() and conversation_count(db_path) > after:
-            child.kill()
-            child.wait()
-            return True
+        try:
+            if any(not s.startswith(".importing-") for s in stray_files(image_dir, location)) and \
+                    conversation_count(location) > after:
+                child.kill()
+                child.wait()
+                return True
+        except sa.exc.DBAPIError:  # the importer has not made the tables yet
+            pass
         time.sleep(0.002)
     child.wait(timeout=timeout)
     return False
 
 
-def run_killed_imports(tmp_path, n_records: int, kills: int):
+def run_killed_imports(tmp_path, n_records: int, kills: int, location=None):
+    """Import a file of `n_records` image records into `location` (default: a SQLite file), killing the
+    importer mid-batch `kills` times, then import another file and the whole file again."""
     data = tmp_path / "data"
     data.mkdir()
     records = []
@@ -309,44 +550,50 @@ def run_killed_imports(tmp_path, n_records: int, kills: int):
         records.append(image_record(f"{i}.png", user=f"Which colour has picture {i}?"))
     src = data / "big.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    db_path, image_dir = tmp_path / "k.db", tmp_path / "images"
+    location = location or str(tmp_path / "k.db")
+    image_dir = Store(location).image_dir if location.startswith("postgresql") else tmp_path / "images"
     landed = 0  # kills that left files behind (one landing just after a commit leaves none: tried again)
     for _ in range(kills + 5):
-        child = subprocess.Popen([sys.executable, "-m", "workbench.store", "import", str(src), "--db", str(db_path)],
+        child = subprocess.Popen([sys.executable, "-m", "workbench.store", "import", str(src), "--db", location],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not kill_mid_batch(child, image_dir, db_path, after=256 * landed):  # each kill a batch further on
+        if not kill_mid_batch(child, image_dir, location, after=256 * landed):  # each kill a batch further on
             break  # it finished: nothing left to kill
-        landed += bool(stray_files(image_dir, db_path))
+        landed += bool(stray_files(image_dir, location))
         if landed == kills:
             break
     # item 14: the next import, of anything, removes what the killed one left
-    other = cli("import", write_json(data / "other.json", [record()]), "--db", db_path)
+    other = cli("import", write_json(data / "other.json", [record()]), "--db", location)
     assert other.returncode == 0, other.stderr
-    assert stray_files(image_dir, db_path) == []
-    done = cli("import", src, "--db", db_path, timeout=300)
-    return records, db_path, image_dir, landed, done
+    assert stray_files(image_dir, location) == []
+    done = cli("import", src, "--db", location, timeout=300)
+    return records, location, image_dir, landed, done
 
 
-def check_whole_after_kills(records, db_path, image_dir, done):
+def check_whole_after_kills(records, location, image_dir, done):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     n = len(records)
-    assert conversation_count(db_path, "big") == n  # nothing twice, nothing lost
-    db = sqlite3.connect(db_path)
-    texts = [t for (t,) in db.execute("SELECT t.text FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-                                      "JOIN datasets d ON d.id = c.dataset_id WHERE d.name = 'big' AND speaker = 'user'")]
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    db.close()
+    assert conversation_count(location, "big") == n  # nothing twice, nothing lost
+    texts = [t for (t,) in _rows(location, "SELECT t.text FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+                                           "JOIN datasets d ON d.id = c.dataset_id WHERE d.name = 'big' AND speaker = 'user'")]
+    if not str(location).startswith("postgresql"):
+        assert _rows(location, "PRAGMA integrity_check")[0][0] == "ok"
     assert sorted(texts) == sorted(r["conversations"][0]["value"] for r in records)
-    assert stray_files(image_dir, db_path) == []  # no orphan image, no .tmp- file, no marker
+    assert stray_files(image_dir, location) == []  # no orphan image, no .tmp- file, no marker
     skipped = done.stderr.count("skipped: ")
     assert f"stored {n - skipped} of {n} records" in done.stdout
     return skipped
 
 
-def test_an_import_killed_mid_batch_then_run_again_stores_each_record_once_and_leaves_no_files(tmp_path):
-    records, db_path, image_dir, landed, done = run_killed_imports(tmp_path, n_records=600, kills=1)
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_an_import_killed_mid_batch_then_run_again_stores_each_record_once_and_leaves_no_files(tmp_path, engine,
+                                                                                              request):
+    location = None
+    if engine == "postgresql":
+        location = request.getfixturevalue("blank_postgres_url")
+    records, location, image_dir, landed, done = run_killed_imports(tmp_path, n_records=600, kills=1,
+                                                                    location=location)
     assert landed == 1
-    check_whole_after_kills(records, db_path, image_dir, done)
+    check_whole_after_kills(records, location, image_dir, done)
 
 
 @pytest.mark.stress
@@ -382,13 +629,18 @@ def test_the_annotate_tab_says_which_records_were_there_already_and_when_the_dat
 def test_finding_a_record_already_there_uses_the_key_index(store):
     """Not a scan of the whole dataset per record: 10,000 records took 14 s to import and 25 s to
     re-import that way (1.6 s and 0.5 s with the index)."""
+    from workbench.store.db import _POSITIONS, _POSITIONS_MANY
+
     import_records(store, "d", [(f"record {i}", record(f"Q{i}?")) for i in range(50)])
     with store.batch("d") as batch:
-        ran = []
-        batch.db.set_trace_callback(ran.append)  # the statement positions() runs, with its values in place
-        try:
-            assert batch.positions("no such key") == []
-        finally:
-            batch.db.set_trace_callback(None)
-        plan = " ".join(row[-1] for row in batch.db.execute("EXPLAIN QUERY PLAN " + ran[-1]))
-        assert "conversations_by_key" in plan, (ran, plan)
+        assert batch.positions("no such key") == []
+        plans = []
+        for statement in (_POSITIONS.bindparams(d=batch.dataset_id, key="k"),
+                          _POSITIONS_MANY.bindparams(d=batch.dataset_id, keys=["k1", "k2"])):
+            query = str(statement.compile(dialect=batch.db.dialect, compile_kwargs={"literal_binds": True}))
+            if store.kind == "sqlite":
+                plans.append(" ".join(str(row[-1]) for row in batch.db.exec_driver_sql("EXPLAIN QUERY PLAN " + query)))
+            else:  # a table of 50 rows is read whole by PostgreSQL's planner unless told to use an index
+                batch.db.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plans.append(" ".join(str(row[0]) for row in batch.db.exec_driver_sql("EXPLAIN " + query)))
+        assert all("conversations_by_key" in plan for plan in plans), plans

@@ -3,14 +3,14 @@ a crash, and never a partial write (what is stored is exactly the valid records,
 from __future__ import annotations
 
 import json
-import sqlite3
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import shapes_png
+from conftest import check_integrity, empty_store, shapes_png, sql
 from models.data.align import AlignError, normalize_record
 from workbench.store import Store, import_file, import_records, read_records
 from workbench.store.labels import canonical
@@ -60,42 +60,52 @@ def check_no_partial_write(store, report, records):
     by_name = dict(records)
     for name, cid in zip(stored_names, report.conversation_ids):
         assert stored_turns(store, cid) == expected_turns(by_name[name])
-    db = sqlite3.connect(store.path)
-    try:
-        assert db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == report.stored
-        n_turns = sum(len(normalize_record(by_name[n]).turns) for n in stored_names)
-        assert db.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == n_turns
-        n_images = sum(len(normalize_record(by_name[n]).images) for n in stored_names)
-        assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == n_images
-        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-    finally:
-        db.close()
+    assert sql(store, "SELECT COUNT(*) FROM conversations")[0][0] == report.stored
+    n_turns = sum(len(normalize_record(by_name[n]).turns) for n in stored_names)
+    assert sql(store, "SELECT COUNT(*) FROM turns")[0][0] == n_turns
+    n_images = sum(len(normalize_record(by_name[n]).images) for n in stored_names)
+    assert sql(store, "SELECT COUNT(*) FROM images")[0][0] == n_images
+    check_integrity(store)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(record, min_size=1, max_size=5))
-def test_random_records_are_stored_whole_or_refused_with_a_named_error(records):
+@pytest.fixture
+def one_store(store_url):
+    """One store per test (per engine); each example starts from an empty one (a new SQLite file or
+    PostgreSQL database per example would be slow)."""
+    with Store(store_url) as store:
+        yield store
+
+
+STATE = dict(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=60, deadline=None, **STATE)
+@given(records=st.lists(record, min_size=1, max_size=5))
+def test_random_records_are_stored_whole_or_refused_with_a_named_error(one_store, records):
+    store = one_store
+    empty_store(store)
     named = [(f"record {i}", r) for i, r in enumerate(records)]
-    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "w.db") as store:
-        report = import_records(store, "fuzz", named, base_dir=IMAGE_DIR, batch_size=3)
-        for error in report.errors:
-            assert error.startswith("record "), error
-        check_no_partial_write(store, report, named)
-        # the valid ones are exactly those the validator accepts with readable images
-        for name, rec in named:
-            try:
-                conv = normalize_record(rec)
-                valid = all(isinstance(p, str) and p == "red.png" for p in conv.images)
-            except (AlignError, TypeError, AttributeError):
-                valid = False
-            assert valid == (not any(e.startswith(name + ":") or e.startswith(name + ",")
-                                     for e in report.errors)), (name, rec, report.errors)
+    report = import_records(store, "fuzz", named, base_dir=IMAGE_DIR, batch_size=3)
+    for error in report.errors:
+        assert error.startswith("record "), error
+    check_no_partial_write(store, report, named)
+    # the valid ones are exactly those the validator accepts with readable images
+    for name, rec in named:
+        try:
+            conv = normalize_record(rec)
+            valid = all(isinstance(p, str) and p == "red.png" for p in conv.images)
+        except (AlignError, TypeError, AttributeError):
+            valid = False
+        assert valid == (not any(e.startswith(name + ":") or e.startswith(name + ",")
+                                 for e in report.errors)), (name, rec, report.errors)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.text(max_size=40) | record.map(lambda r: json.dumps(r)), min_size=1, max_size=6))
-def test_random_jsonl_lines_never_crash_the_importer(lines):
-    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "w.db") as store:
+@settings(max_examples=40, deadline=None, **STATE)
+@given(lines=st.lists(st.text(max_size=40) | record.map(lambda r: json.dumps(r)), min_size=1, max_size=6))
+def test_random_jsonl_lines_never_crash_the_importer(one_store, lines):
+    store = one_store
+    empty_store(store)
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.jsonl"
         path.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in lines), encoding="utf-8")
         records = read_records(path)

@@ -17,8 +17,8 @@ EXAMPLES = ROOT / "annotations" / "examples"
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "db" / "workbench.db") as s:
+def store(store_url):
+    with Store(store_url) as s:
         yield s
 
 

@@ -14,19 +14,20 @@ import io
 import json
 import os
 import re
-import sqlite3
 import stat
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from models.hsa import parse_role, sharegpt_name
 from models.data.align import AlignError, Conversation, align_record, normalize_record
 from workbench.pairs import PAIR_KEYS, is_pair, split_pair
 
 from . import labels as L
-from .db import Batch, Store, StoreError, content_key
+from .db import Batch, Store, StoreBusyError, StoreError, content_key
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
@@ -400,10 +401,12 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
                 report.errors.append(f"{name}: {INTERNAL_ERROR} ({type(e).__name__}: {e})")
         written: list[Path] = []
         if prepared:
+            stored_here: list[tuple[int, str, str]] = []  # (conversation id, record name, content key)
             with store.batch(dataset) as batch:
                 report.cleaned += batch.removed
-                for name, item in prepared:
-                    key = record_key(item)
+                keys = [record_key(item) for _, item in prepared]
+                batch.preload(keys)
+                for (name, item), key in zip(prepared, keys):
                     present = batch.positions(key)
                     if met[key] < len(present) - inserted[key]:
                         report.skipped.append(f"{name}: already in dataset {dataset.strip()!r} as conversation "
@@ -415,19 +418,35 @@ def import_records(store: Store, dataset: str, records, *, base_dir=".", progres
                     try:
                         cid = batch(item.conversation, images=images, extra=item.extra, author=author,
                                     labelled=item.labelled, source=f"{source} {name}" if source else name)
-                    except (StoreError, ValueError, sqlite3.Error) as e:
-                        report.errors.append(f"{name}: {e}")
+                    except StoreBusyError:
+                        raise
+                    except (StoreError, ValueError, SQLAlchemyError) as e:
+                        report.errors.append(f"{name}: {_first_line(e)}")
                         continue
                     met[key] += 1
                     inserted[key] += 1
-                    report.stored += 1
-                    report.conversation_ids.append(cid)
+                    stored_here.append((cid, name, key))
                 make_durable(written)  # the images are on disk before the rows naming them commit
+            for cid, name, key in stored_here:  # the batch has ended: its records are written, or refused
+                if cid in batch.failed:
+                    report.errors.append(f"{name}: {batch.failed[cid]}")
+                    met[key] -= 1
+                    inserted[key] -= 1
+                    continue
+                report.stored += 1
+                report.conversation_ids.append(cid)
         if progress:
             progress(min(start + batch_size, len(records)), len(records))
     if not report.stored and not existed and any(info.name == dataset.strip() for info in store.datasets()):
         store.delete_dataset(dataset.strip())  # every record failed to insert: leave no empty dataset
     return report
+
+
+def _first_line(error: Exception) -> str:
+    """A database error's own message, without SQLAlchemy's statement and parameters."""
+    if isinstance(error, SQLAlchemyError) and getattr(error, "orig", None) is not None:
+        error = error.orig
+    return str(error).strip().split("\n")[0]
 
 
 def record_key(item: PreparedRecord) -> str:
@@ -604,13 +623,15 @@ class ExportReport:
     errors: list[str] = field(default_factory=list)
 
 
-def export_dataset(store: Store, name: str, fmt: str, out_dir, *, model=None, progress=None) -> ExportReport:
-    """Write dataset `name` to `out_dir` as `fmt` (sharegpt / llamafactory / semantic-ids)."""
+def export_dataset(store: Store, name: str, fmt: str, out_dir, *, model=None, progress=None,
+                   reviewed_only: bool = False) -> ExportReport:
+    """Write dataset `name` to `out_dir` as `fmt` (sharegpt / llamafactory / semantic-ids); with
+    `reviewed_only`, only its reviewed conversations (their main labels are the ones a reviewer accepted)."""
     if fmt not in FORMATS:
         raise StoreError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids = store.conversation_ids(name)
+    ids = store.conversation_ids(name, status="reviewed" if reviewed_only else "all")
     stem = _file_stem(name)
     if fmt == "semantic-ids":
         return _export_semantic_ids(store, ids, out_dir / f"{stem}.semantic_ids.jsonl", model, progress)
