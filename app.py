@@ -24,7 +24,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "`python -m workbench.users add FILE NAME` (see README: Working as a team)")
     parser.add_argument("--workspace", type=Path, default=ROOT / "workspace",
                         help="where uploads, exports, runs and the database live")
-    parser.add_argument("--db", type=Path, default=None, help="annotation database (default: WORKSPACE/workbench.db)")
+    parser.add_argument("--db", default=None, metavar="PATH|URL",
+                        help="annotation database: a file, sqlite:///PATH or postgresql://USER@HOST/DB (images then in "
+                             "WORKSPACE/images unless the URL says ?image_dir=DIR; passwords in ~/.pgpass or $PGPASSWORD) "
+                             "(default: WORKSPACE/workbench.db)")
     parser.add_argument("--max-upload-mb", type=float, default=64, metavar="MB",
                         help="largest file a browser may upload (default: 64)")
     parser.add_argument("--default-model", type=Path, default=None,

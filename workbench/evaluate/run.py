@@ -135,10 +135,20 @@ def parse_config(raw: dict, base_dir: Path | None = None) -> EvalConfig:
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ConfigError("limit: an integer of at least 1")
     return EvalConfig(models=[m.strip() for m in models], dataset=dataset, output_dir=rel(raw["output_dir"]),
-                      store_db=rel(raw.get("store_db", "")), image_root=rel(raw.get("image_root", "")),
+                      store_db=_store_location(raw.get("store_db", ""), rel), image_root=rel(raw.get("image_root", "")),
                       shapes=shapes, limit=limit, decoding=decoding, hsa=list(dict.fromkeys(hsa)),
                       max_new_tokens=max_new, synonyms=raw.get("synonyms"), runs_dir=rel(raw.get("runs_dir", "")),
                       seed=int(raw.get("seed", 0)), name=str(raw.get("name", "")))
+
+
+def _store_location(value, rel) -> str:
+    """The annotation store a config names: a file (relative to the config's folder) or a database URL
+    (sqlite:///PATH, postgresql://USER@HOST/DB), as given."""
+    from workbench.store.engine import is_url
+
+    if value and not isinstance(value, str):
+        raise ConfigError("store_db: a file path or a database URL")
+    return value if is_url(value) else rel(value)
 
 
 # ---- items ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from models.zoo import DEFAULT_VLM_DIR as DEFAULT_MODEL
+from workbench.paths import is_database_url
 # The language model's projections (Llama/Qwen naming). The vision tower is excluded by
 # LORA_EXCLUDE: Qwen2.5-VL's vision MLP reuses the names gate_proj/up_proj/down_proj.
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -419,7 +420,7 @@ def _resolve_paths(c: TrainConfig, base: Path) -> TrainConfig:
         c.dataset = resolve(c.dataset)
         if not c.image_root:
             c.image_root = str(Path(c.dataset).parent)
-    elif c.store_db:
+    elif c.store_db and not is_database_url(c.store_db):  # a database URL (sqlite:///, postgresql://) stays as given
         c.store_db = resolve(c.store_db)
     if c.image_root:
         c.image_root = resolve(c.image_root)
@@ -576,7 +577,14 @@ def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
     if not db:
         problems.append(f"dataset {c.dataset!r} is in the annotation store, but no store_db was given")
         return
-    if not Path(db).is_file():
+    from workbench.store.engine import LocationError, locate
+
+    try:
+        location = locate(db)
+    except LocationError as e:
+        problems.append(f"store_db: {e}")
+        return
+    if location.path is not None and not location.path.is_file():  # a PostgreSQL database is asked below
         problems.append(f"annotation database {db} does not exist")
         return
     from workbench.store.db import Store, StoreError

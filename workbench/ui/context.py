@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models.zoo import DEFAULT_VLM_DIR as DEFAULT_VLM
 from models.zoo import EMBEDDED
-from workbench.paths import PathRule
+from workbench.paths import PathRule, is_database_url, sqlite_url_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class AppContext:
     workspace: Path  # every file the workbench writes or serves lives under here
-    db_path: Path  # the annotation database
+    # the annotation database, as Store() opens it: a SQLite file, or a database URL (PostgreSQL, with its
+    # ?image_dir=, which defaults to WORKSPACE/images); see database_location
+    db_path: Path | str
     runs_dir: Path  # training runs: one directory each
     default_model: Path = DEFAULT_VLM
     allowed_paths: tuple[Path, ...] = ()  # folders the operator named (--allow-path) besides the workspace
@@ -42,7 +44,7 @@ class AppContext:
         workspace = Path(workspace).resolve()
         for sub in ("uploads", "exports", "runs", "tmp"):
             (workspace / sub).mkdir(parents=True, exist_ok=True)
-        return cls(workspace=workspace, db_path=Path(db_path or workspace / "workbench.db").resolve(),
+        return cls(workspace=workspace, db_path=database_location(db_path, workspace),
                    runs_dir=workspace / "runs", default_model=Path(default_model or DEFAULT_VLM),
                    allowed_paths=tuple(Path(p).resolve() for p in allowed_paths), confined=confined, users=users)
 
@@ -50,8 +52,24 @@ class AppContext:
     def paths(self) -> PathRule:
         """The rule for paths typed into a form (workbench.paths): the workspace, the allowed folders and
         the annotation database; embedded models, the default model and hub ids."""
-        return PathRule(self.workspace, allowed=(*self.allowed_paths, self.db_path), confined=self.confined,
-                        models=(self.default_model,))
+        return PathRule(self.workspace, allowed=(*self.allowed_paths, *self._database_files()), confined=self.confined,
+                        models=(self.default_model,), databases=(self.db_path,) if isinstance(self.db_path, str) else ())
+
+    def _database_files(self) -> tuple[Path, ...]:
+        if isinstance(self.db_path, Path):
+            return (self.db_path,)
+        file = sqlite_url_path(self.db_path)
+        return (Path(file).resolve(),) if file else ()
+
+    @property
+    def image_dir(self) -> Path:
+        """Where the annotation store keeps its images (what the pages show of it)."""
+        if isinstance(self.db_path, Path):
+            return self.db_path.parent / "images"
+        from workbench.store.engine import locate
+
+        location = locate(self.db_path)
+        return location.image_dir or (location.path.parent / "images" if location.path else self.workspace / "images")
 
     def resolve_model(self, name: str | None) -> str:
         """'' / 'default' -> the default model; an embedded model's name ('composed', ...) -> its
@@ -79,6 +97,24 @@ class AppContext:
         if resolved != self.workspace and self.workspace not in resolved.parents:
             raise ValueError(f"{path} is outside the workspace {self.workspace}")
         return resolved
+
+
+def database_location(value, workspace: Path) -> Path | str:
+    """The app's annotation database from `--db`: none -> WORKSPACE/workbench.db; a path or a sqlite:///
+    URL without ?image_dir= -> the file (resolved); any other URL as given, a PostgreSQL one with
+    ?image_dir=WORKSPACE/images added when it names none (every process of the app, and the runs it
+    starts, then keep images in one place)."""
+    if not value:
+        return (Path(workspace) / "workbench.db").resolve()
+    text = str(value).strip()
+    if not is_database_url(text):
+        return Path(text).expanduser().resolve()
+    file = sqlite_url_path(text)
+    if file is not None and "image_dir=" not in text:
+        return Path(file).expanduser().resolve()
+    if file is None and "image_dir=" not in text:
+        text += ("&" if "?" in text else "?") + f"image_dir={Path(workspace).resolve() / 'images'}"
+    return text
 
 
 @functools.lru_cache(maxsize=4)
