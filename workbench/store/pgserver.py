@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 INSTALL_HINT = ("install PostgreSQL (Debian: apt-get install postgresql; scripts/test.sh does it when run as "
@@ -205,13 +204,3 @@ def _check_name(name: str) -> str:
         raise ValueError(f"not a plain database name: {name!r}")
     return name
 
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
