@@ -307,3 +307,12 @@ def test_export_reviewed_only(store, labelled, tmp_path, fmt, turns):
     assert second != archive
     assert T.export_reviewed(store, None, fmt, exports)[1] == "Choose a dataset first."
     assert "Unknown format" in T.export_reviewed(store, "d", "semantic-ids", exports)[1]
+
+
+def test_a_dataset_deleted_meanwhile_is_said_plainly_everywhere(store, labelled, tmp_path):
+    store.delete_dataset("d")
+    assert T.assign(store, "d", "alice, bob", 2).startswith("⚠️ Not assigned:")
+    assert T.progress_table(store, "d")[:2] == ([], None) and T.progress_table(store, "d")[2].startswith("⚠️")
+    assert T.review_list(store, "d")[:2] == ([], []) and T.review_list(store, "d")[2].startswith("⚠️")
+    assert T.agreement(store, "d").summary.startswith("⚠️")
+    assert T.export_reviewed(store, "d", "sharegpt", tmp_path)[0] is None
