@@ -2,10 +2,16 @@
 
 `attn_implementation="hsa"` makes every attention layer of a model that uses the attention interface
 call `hsa_attention_forward`. It reads `semantic_ids` from the keyword arguments that transformers
-forwards from `model(...)` down to attention, so no model class is patched and no state is kept:
-two threads may run the same model with different roles. Without `semantic_ids` it is plain SDPA.
+forwards from `model(...)` down to attention, so no model class is patched and the model keeps no
+state: two threads may run the same model with different roles. Without `semantic_ids` it is plain SDPA.
+
+What the roles make of the attention (on the CPU: one additive mask, or for long sequences the gathered
+rows of `compacted_attention`) is built once per forward pass, by its first layer, and shared by the
+others (see `_shared`); every later forward pass, a new batch, builds its own.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -37,7 +43,7 @@ def hsa_attention_forward(
     want_weights = bool(kwargs.get("output_attentions", False))
     probe = kwargs.pop("hsa_probe", None)
     if probe is not None and causal:  # attention maps / mass for the workbench (models.hsa.probe)
-        seen = (hsa_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
+        seen = (shared_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
                 if semantic_ids is not None else _plain_allowed(attention_mask, query, key, causal))
         probe.observe(module, query, key, seen, scaling)
     if semantic_ids is None or not causal:
@@ -48,24 +54,103 @@ def hsa_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
 
-    if not want_weights and not query.is_cuda and query.shape[2] == key.shape[2] == semantic_ids.shape[-1]:
-        real = _plain_padding(attention_mask, query.shape[2])
-        if real is not None:
-            if not ((semantic_ids.to(real.device) == NOISE) & real).any():
-                # Nothing to hide (e.g. a batch without NOISE turns): HSA is the model's own mask.
-                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                              scaling=scaling, is_causal=is_causal, **kwargs)
-            return compacted_attention(module, query, key, value, semantic_ids.to(query.device), real,
-                                       dropout=dropout, scaling=scaling), None
-    allowed = hsa_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
     if want_weights:
-        return eager_attention(module, query, key, value, allowed, dropout=dropout, scaling=scaling)
+        return eager_attention(module, query, key, value,
+                               shared_allowed(module, query, key, attention_mask, semantic_ids, hsa_generation_role),
+                               dropout=dropout, scaling=scaling)
     if query.is_cuda:
         return flex_attention_forward(module, query, key, value, allowed_roles=(semantic_ids, attention_mask),
                                       generation_role=_generation_role(module, hsa_generation_role),
                                       scaling=scaling)
-    return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout, scaling=scaling,
-                                  is_causal=False, **kwargs)
+    kind, plan = _cpu_plan(module, query, key, attention_mask, semantic_ids, hsa_generation_role)
+    if kind == "plain":  # nothing to hide (e.g. a batch without NOISE turns): HSA is the model's own mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    if kind == "compacted":
+        return compacted_attention(module, query, key, value, None, None, dropout=dropout, scaling=scaling,
+                                   rows=plan), None
+    # "dense": one additive mask for every layer; SDPA's grouped-query path instead of repeating K/V
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=plan, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---- work done once per forward pass and shared by every layer ----------------------------------
+#
+# Every decoder layer of one forward pass gets the same `semantic_ids` and the same model mask (transformers
+# builds it once per forward), so what HSA derives from them (the combined mask, the compacted rows) is built
+# by the first layer and kept on the model's mask tensor (or on `semantic_ids` when the model passes no
+# mask), where it lives exactly as long as that tensor. It is used again only while both tensors are the same
+# objects, unmodified (their version counters), for the same shapes, device, dtype and generation role: a
+# new batch is a new tensor, so a kept mask is never reused for different data.
+
+_SHARED_ATTR = "_hsa_shared"
+
+
+def _shared(kind: str, query, key, attention_mask, semantic_ids, generation_role: int, build):
+    if torch.compiler.is_compiling():
+        return build()
+    anchor = attention_mask if attention_mask is not None else semantic_ids
+    valid = (query.shape[0], query.shape[2], key.shape[2], query.device, generation_role,
+             semantic_ids._version, None if attention_mask is None else attention_mask._version)
+    slot = getattr(anchor, _SHARED_ATTR, None)
+    if slot is not None:
+        ref_ids, ref_mask, kept_valid, values = slot
+        if (kept_valid == valid and ref_ids() is semantic_ids
+                and (ref_mask is None) == (attention_mask is None)
+                and (ref_mask is None or ref_mask() is attention_mask)):
+            if kind not in values:
+                values[kind] = build()
+            return values[kind]
+    value = build()
+    setattr(anchor, _SHARED_ATTR, (weakref.ref(semantic_ids),
+                                   None if attention_mask is None else weakref.ref(attention_mask), valid,
+                                   {kind: value}))
+    return value
+
+
+def shared_allowed(module, query, key, attention_mask, semantic_ids, generation_role=None) -> torch.Tensor:
+    """`hsa_allowed`, built once per forward pass and shared by its layers."""
+    role = _generation_role(module, generation_role)
+    return _shared("allowed", query, key, attention_mask, semantic_ids, role,
+                   lambda: hsa_allowed(module, query, key, attention_mask, semantic_ids, role))
+
+
+COMPACT_FROM = 1024  # keys; below this one shared additive mask is faster than compacting (bench/RESULTS.md)
+
+
+def _cpu_plan(module, query, key, attention_mask, semantic_ids, generation_role=None):
+    """How this forward pass computes HSA on the CPU (decided and built by its first layer):
+    ("plain", None) when no key that the model's mask shows is NOISE; ("compacted", rows) for long sequences under a plain causal +
+    padding mask; otherwise ("dense", additive mask [B, 1, Q, K] in the query's dtype)."""
+    role = _generation_role(module, generation_role)
+
+    def plan():
+        q_len, kv_len = query.shape[2], key.shape[2]
+        roles = extend_roles(semantic_ids.to(query.device), kv_len, role)
+        if roles.shape[0] not in (1, query.shape[0]):
+            raise ValueError(f"semantic_ids has batch {roles.shape[0]} but the attention has batch {query.shape[0]}")
+        noise = roles == NOISE
+        if not (noise & _visible_keys(attention_mask, kv_len)).any():
+            return "plain", None
+        if q_len == kv_len >= COMPACT_FROM:
+            real = _plain_padding(attention_mask, q_len)
+            if real is not None:
+                return "compacted", compacted_rows(roles, real.to(query.device), query.shape[0])
+        allowed = hsa_allowed(module, query, key, attention_mask, semantic_ids, role)
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        return "dense", bias.masked_fill_(~allowed, float("-inf"))
+
+    return _shared(f"plan {query.dtype}", query, key, attention_mask, semantic_ids, role, plan)
+
+
+def _visible_keys(attention_mask, kv_len: int):
+    """[B, K] bool (or True): the keys that some query may see under the model's mask (padding is not)."""
+    if attention_mask is None:
+        return True
+    seen = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    return seen[..., :kv_len].flatten(1, -2).any(dim=1)
 
 
 def _generation_role(module, requested) -> int:
@@ -110,31 +195,42 @@ def _plain_padding(attention_mask, length: int) -> torch.Tensor | None:
     return real
 
 
-def compacted_attention(module, query, key, value, roles, real, *, dropout=0.0, scaling=None) -> torch.Tensor:
-    """HSA without a dense mask in the common case (prefill / training, causal + padding):
+def compacted_rows(roles: torch.Tensor, real: torch.Tensor, batch: int) -> list:
+    """Per batch row, what `compacted_attention` gathers: the positions of the real GLOBAL/LANDMARK tokens,
+    of the real NOISE tokens, of all real tokens, and the [noise, keys] causal mask of the noise queries."""
+    roles, real = roles.expand(batch, -1), real.expand(batch, -1)
+    positions = torch.arange(roles.shape[1], device=roles.device)
+    rows = []
+    for b in range(batch):
+        attend = ((roles[b] != NOISE) & real[b]).nonzero().squeeze(1)
+        noise = ((roles[b] == NOISE) & real[b]).nonzero().squeeze(1)
+        keys = real[b].nonzero().squeeze(1)
+        rows.append((attend, noise, keys, (positions[keys][None, :] <= noise[:, None])[None, None]))
+    return rows
+
+
+def compacted_attention(module, query, key, value, roles, real, *, dropout=0.0, scaling=None,
+                        rows=None) -> torch.Tensor:
+    """HSA without a dense mask for long sequences (prefill / training, causal + padding):
     GLOBAL/LANDMARK queries see exactly the GLOBAL/LANDMARK keys before them, so gathering those
     tokens makes their attention plain causal SDPA (the fast kernel); NOISE queries see every real
-    key before them, a mask of only (noise queries x keys). Padding queries get zeros."""
+    key before them, a mask of only (noise queries x keys). Padding queries get zeros.
+    `rows` (from `compacted_rows`, shared by the layers of a forward pass) replaces roles and real."""
     batch, heads, length, _ = query.shape
     gqa = heads != key.shape[1]
     p = dropout if module.training else 0.0
     out = query.new_zeros(query.shape)
-    roles = roles.expand(batch, -1)
-    real = real.to(query.device).expand(batch, -1)
-    positions = torch.arange(length, device=query.device)
-    for b in range(batch):
-        attend = ((roles[b] != NOISE) & real[b]).nonzero().squeeze(1)
-        noise = ((roles[b] == NOISE) & real[b]).nonzero().squeeze(1)
+    if rows is None:
+        rows = compacted_rows(roles.to(query.device), real.to(query.device), batch)
+    for b, (attend, noise, keys, seen) in enumerate(rows):
         q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
         if len(attend):
             out[b:b + 1, :, attend] = torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, attend], k[:, :, attend], v[:, :, attend], is_causal=True, dropout_p=p, scale=scaling,
                 enable_gqa=gqa)
         if len(noise):
-            keys = real[b].nonzero().squeeze(1)
-            seen = positions[keys][None, :] <= noise[:, None]
             out[b:b + 1, :, noise] = torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, noise], k[:, :, keys], v[:, :, keys], attn_mask=seen[None, None], dropout_p=p,
+                q[:, :, noise], k[:, :, keys], v[:, :, keys], attn_mask=seen, dropout_p=p,
                 scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous()
 
