@@ -71,7 +71,7 @@ def hide_page_endpoints(app) -> None:
 def build_app(ctx):
     import gradio as gr
 
-    from workbench.ui import annotate, attention, chat, evaluate, masks, train
+    from workbench.ui import annotate, attention, chat, evaluate, masks, team, train
     from workbench.web import UPLOAD_CLEANUP
 
     with gr.Blocks(title="HSA Workbench", delete_cache=UPLOAD_CLEANUP) as app:
@@ -92,6 +92,8 @@ def build_app(ctx):
                 chat_tab = chat.build(ctx)
             with gr.Tab("Evaluate", id="evaluate"):
                 evaluate_tab = evaluate.build(ctx)
+            with gr.Tab("Team", id="team"):
+                team.build(ctx, app)
         # "Chat with this run" in the Train tab opens the run in the Chat tab.
         train_tab.chat_model.change(
             lambda label: (chat_tab.open_model(label), gr.Tabs(selected="chat")) if label else (gr.skip(), gr.skip()),

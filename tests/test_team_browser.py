@@ -26,26 +26,16 @@ RED_AT = ANSWER.index("red")
 PASSWORDS = {"alice": "alice-pw", "carol": "carol-pw"}
 
 LAUNCHER = textwrap.dedent("""
-    import dataclasses, sys
-    sys.path.insert(0, {root!r})
     import gradio as gr
     from workbench.ui import team
     from workbench.ui.context import AppContext
     from workbench.users import User, Users, hash_password
 
-    @dataclasses.dataclass(frozen=True)
-    class TeamContext(AppContext):  # until AppContext carries the users itself
-        users: object = None
-
     logins = {logins!r}  # name -> (password, reviewer), or None: no login
     users = None if logins is None else Users([
         User(name, hash_password(password), frozenset({{"annotator", "reviewer"}} if reviewer else {{"annotator"}}))
         for name, (password, reviewer) in logins.items()])
-    base = AppContext.create({workspace!r}, default_model={model!r})
-    if "users" in {{f.name for f in dataclasses.fields(AppContext)}}:
-        ctx = dataclasses.replace(base, users=users)
-    else:
-        ctx = TeamContext(**vars(base), users=users)
+    ctx = AppContext.create({workspace!r}, default_model={model!r}, users=users)
     with gr.Blocks(title="team") as demo:
         with gr.Tab("Team"):
             team.build(ctx, demo)
