@@ -269,6 +269,9 @@ class Store:
             if translated is None:
                 raise
             raise translated from None
+        except sa.exc.TimeoutError:  # every connection of this process's pool stayed in use
+            raise StoreBusyError(f"the annotation database {self.name} is busy: every connection this process may "
+                                 "open was in use; try again") from None
 
     def _translate(self, e: sa.exc.DBAPIError) -> StoreError | None:
         orig = e.orig
@@ -546,7 +549,9 @@ class Store:
         row = db.execute(text(
             "SELECT c.id, d.name, c.position, c.version, c.labelled, c.extra, c.source, c.updated_at, c.updated_by, "
             "c.reviewed_by, c.reviewed_at FROM conversations c JOIN datasets d ON d.id = c.dataset_id WHERE c.id = :cid"
-            + (" FOR UPDATE OF c" if lock and self._pg else "")), {"cid": cid}).first()
+            # NO KEY UPDATE: writers of the main labels wait for each other, while rows that only refer to the
+            # conversation (an annotator's copy and its revisions) are written meanwhile without waiting
+            + (" FOR NO KEY UPDATE OF c" if lock and self._pg else "")), {"cid": cid}).first()
         if row is None:
             raise NotFoundError(f"no conversation with id {cid}")
         spans: dict[int, list[Span]] = {}

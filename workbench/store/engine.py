@@ -150,7 +150,7 @@ def create_engine(location: Location, *, synchronous: str = "FULL", busy_timeout
         return engine
     timeout_ms = max(1, int(busy_timeout_s * 1000))
     return sa.create_engine(
-        location.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
+        location.url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=busy_timeout_s, pool_pre_ping=True,
         connect_args={"connect_timeout": max(2, min(30, int(busy_timeout_s) or 2)),
                       "application_name": "hsa-workbench",
                       "options": f"-c lock_timeout={timeout_ms} -c idle_in_transaction_session_timeout=600000"})
