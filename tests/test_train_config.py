@@ -156,3 +156,32 @@ def test_a_run_never_writes_into_a_folder_that_holds_something(tmp_path):
             ok.write_text(json.dumps({"dataset": str(folder / "data.json"), **config}))
         result = check(ok, cwd=tmp_path)
         assert result.returncode == 0, (config, result.stderr)
+
+
+def test_reviewed_only_trains_on_what_a_reviewer_accepted(tmp_path):
+    """Issue 23: in a dataset split among annotators, reviewed_only takes the conversations a reviewer
+    accepted, with the accepted labels; none accepted yet is refused by the check, before a run starts."""
+    from models.hsa import NOISE
+    from workbench.store import Store, import_records
+    from workbench.train.config import check_inputs
+    from workbench.train.run import load_records
+
+    db = tmp_path / "wb.db"
+    with Store(db) as store:
+        records = [{"conversations": [{"from": "human", "value": f"Question {i}? lol"},
+                                      {"from": "gpt", "value": "Yes."}]} for i in range(3)]
+        ids = import_records(store, "team", [(f"r{i}", r) for i, r in enumerate(records)]).conversation_ids
+        store.assign("team", ["alice", "bob"], 2)
+    config = parse_config({"dataset": "store:team", "store_db": str(db), "reviewed_only": True}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="no reviewed conversations yet"):
+        check_inputs(config)
+    with Store(db) as store:
+        store.set_turn_role(ids[1], 0, NOISE, expected_version=1, author="alice", annotator="alice")
+        accepted = store.conversation(ids[1], annotator="alice").labels()
+        store.accept(ids[1], accepted, reviewer="carol", expected_version=1, source="accepted alice")
+    check_inputs(config)
+    [conversation] = load_records(config)
+    assert conversation.turns[0].text == "Question 1? lol" and conversation.turns[0].role == NOISE
+    assert len(load_records(parse_config({"dataset": "store:team", "store_db": str(db)}, base_dir=tmp_path))) == 3
+    with pytest.raises(ConfigError, match="reviewed_only needs a store:NAME dataset"):
+        parse_config({"dataset": "d.json", "reviewed_only": True}, base_dir=tmp_path)

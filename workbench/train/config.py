@@ -83,6 +83,7 @@ class TrainConfig(BaseModel):
     output_dir: str = ""                          # default: runs/<dataset name>
     base_model: str = str(DEFAULT_MODEL)          # a local directory or a hub id
     store_db: str = ""                            # the annotation database, for "store:NAME" datasets
+    reviewed_only: bool = False                   # store:NAME: only the conversations a reviewer accepted (Team tab)
     image_root: str = ""                          # where relative image paths resolve; default: the dataset's folder
     stage: Literal[STAGES] = "sft"                # "sft": conversations; "align": a composed VLM's projector alone
     finetuning: Literal[FINETUNING] = "lora"      # "lora" or "full" (stage "sft")
@@ -409,6 +410,8 @@ def _check_consistency(c: TrainConfig, given: set[str], problems: list[str]) -> 
         problems.append("dataset 'store:' names no dataset")
     if "store_db" in given and c.store_dataset is None:
         problems.append("store_db given but dataset is a file, not store:NAME")
+    if c.reviewed_only and c.store_dataset is None:
+        problems.append("reviewed_only needs a store:NAME dataset (a file has no reviews)")
 
 
 def _resolve_paths(c: TrainConfig, base: Path) -> TrainConfig:
@@ -595,6 +598,12 @@ def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
                 ids = store.conversation_ids(c.store_dataset)
             except StoreError:  # NotFoundError: no dataset of that name
                 ids = []
+            if ids and c.reviewed_only:
+                ids = store.conversation_ids(c.store_dataset, status="reviewed")
+                if not ids:
+                    problems.append(f"store dataset {c.store_dataset!r} has no reviewed conversations yet "
+                                    "(reviewed_only: accept labels in the Team tab first)")
+                    return
             if ids:
                 _check_eval_split(c, len(ids), problems)
                 return

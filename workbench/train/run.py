@@ -68,10 +68,12 @@ def _store_records(config: TrainConfig) -> list:
     if not db:
         raise ValueError(f"dataset {config.dataset!r} is in the annotation store, but no store_db was given")
     with Store(db) as store:
-        ids = store.conversation_ids(config.store_dataset)
+        # the main labels: in a dataset split among annotators, what a reviewer accepted
+        ids = store.conversation_ids(config.store_dataset, status="reviewed" if config.reviewed_only else "all")
         conversations = [store.conversation(cid).as_conversation() for cid in ids]
     if not conversations:
-        raise ValueError(f"store dataset {config.store_dataset!r} has no conversations")
+        raise ValueError(f"store dataset {config.store_dataset!r} has no "
+                         f"{'reviewed ' if config.reviewed_only else ''}conversations")
     return conversations
 
 
