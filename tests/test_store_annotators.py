@@ -274,3 +274,27 @@ def test_accept_checks_what_it_is_given(store):
         store.accept(cid, [labels[0], (LANDMARK, [Span(0, 99, NOISE)])], reviewer="rev", expected_version=1,
                      source="accepted alice")
     assert store.conversation(cid).version == 1 and not store.conversation(cid).reviewed
+
+
+def test_accept_refuses_copies_changed_since_the_reviewer_saw_them_and_a_dataset_reads_in_one_go(store):
+    """The review's check of the copies it showed is in the accept's own transaction (no window between a
+    check and the write); `dataset_copies` reads every copy of a dataset at once."""
+    first, second = add(store, 2)
+    alice = store.set_span(first, 1, 0, 2, NOISE, expected_version=1, author="alice", annotator="alice")
+    store.set_span(first, 1, 0, 2, LANDMARK, expected_version=1, author="bob", annotator="bob")
+    seen = {name: c.version for name, c in store.copies(first).items()}
+    store.set_span(first, 1, 0, 3, NOISE, expected_version=2, author="alice", annotator="alice")  # meanwhile
+    with pytest.raises(StaleVersionError, match="alice's copy changed since it was shown"):
+        store.accept(first, alice.labels(), reviewer="rev", expected_version=1, source="accepted alice",
+                     expected_copies=seen)
+    assert not store.conversation(first).reviewed and store.conversation(first).version == 1
+    seen = {name: c.version for name, c in store.copies(first).items()}
+    store.accept(first, alice.labels(), reviewer="rev", expected_version=1, source="accepted alice", expected_copies=seen)
+    assert store.conversation(first).reviewed_by == "rev"
+    store.set_turn_role(second, 0, NOISE, expected_version=1, author="carol", annotator="carol")
+    copies = store.dataset_copies("d")
+    assert list(copies) == [first, second] and list(copies[first]) == ["alice", "bob"]
+    assert copies[second]["carol"].labels == store.copies(second)["carol"].labels
+    assert copies[first] == store.copies(first)
+    with pytest.raises(NotFoundError):
+        store.dataset_copies("nope")

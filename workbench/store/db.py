@@ -182,9 +182,9 @@ class AnnotatorCopy:
 
 
 def _preview(turns) -> str:
-    for speaker, text in turns:
+    for speaker, words in turns:
         if speaker == "user":
-            return " ".join(text.split())[:80]
+            return " ".join(words.split())[:80]
     return " ".join(turns[0][1].split())[:80] if turns else ""
 
 
@@ -836,6 +836,19 @@ class Store:
             return {name: AnnotatorCopy(name, labels_from_json(labels), version, bool(done), updated_at, by)
                     for name, labels, version, done, updated_at, by in rows}
 
+    def dataset_copies(self, dataset: str) -> dict[int, dict[str, AnnotatorCopy]]:
+        """`copies` of every conversation of `dataset` that has any, by conversation id, in one read."""
+        found: dict[int, dict[str, AnnotatorCopy]] = {}
+        with self._reading(snapshot=True) as db:
+            rows = db.execute(text(
+                "SELECT p.conversation_id, p.annotator, p.labels, p.version, p.done, p.updated_at, p.updated_by "
+                "FROM copies p JOIN conversations c ON c.id = p.conversation_id WHERE c.dataset_id = :d "
+                "ORDER BY c.position, p.annotator"), {"d": self._dataset_id(db, dataset)})
+            for cid, name, labels, version, done, updated_at, by in rows:
+                found.setdefault(cid, {})[name] = AnnotatorCopy(name, labels_from_json(labels), version, bool(done),
+                                                                updated_at, by)
+        return found
+
     def assign(self, dataset: str, annotators: list[str], per_conversation: int, *, author: str = "anonymous") -> dict[str, int]:
         """Give every conversation of `dataset` to `per_conversation` distinct annotators of `annotators`.
         Idempotent: assignments already made stay; a conversation with fewer than `per_conversation`
@@ -916,17 +929,28 @@ class Store:
         return {name: (int(done), int(assigned)) for name, done, assigned in rows}
 
     def accept(self, conversation_id: int, labels: Labels, *, reviewer: str, expected_version: int,
-               source: str) -> StoredConversation:
+               source: str, expected_copies: dict[str, int] | None = None) -> StoredConversation:
         """A reviewer accepts `labels` (e.g. one annotator's copy, or a merge of several) as the
         conversation's main labels, against the main labels' `expected_version`: a 'review' revision
         (author: the reviewer; action: `source`, e.g. "accepted alice" or "merged alice+bob"), always a
         new version, and the conversation is marked reviewed by `reviewer` now. Edits before the review
-        can no longer be undone; a later edit of the main labels unmarks the review."""
+        can no longer be undone; a later edit of the main labels unmarks the review.
+        `expected_copies` ({annotator: version}, the copies the reviewer saw) are checked in the same
+        transaction: a copy changed since is StaleVersionError, and nothing is accepted."""
         reviewer = _annotator(reviewer, required=True)
         if not isinstance(source, str) or not source.strip():
             raise StoreError("say where the accepted labels come from (source), e.g. 'accepted alice'")
-        return self._edit(conversation_id, expected_version, reviewer, _replace(labels, source.strip()),
-                          kind="review", reviewer=reviewer)
+        replace = _replace(labels, source.strip())
+
+        def change(current, conv, db):
+            for name, seen in (expected_copies or {}).items():
+                now = self._read_copy(db, conv.id, _annotator(name, required=True), lock=True)
+                if now.version != seen:
+                    raise StaleVersionError(f"{name}'s copy changed since it was shown (by {now.updated_by or 'someone'}"
+                                            f", now version {now.version}, shown at {seen})", conv.version)
+            return replace(current, conv, db)
+
+        return self._edit(conversation_id, expected_version, reviewer, change, kind="review", reviewer=reviewer)
 
 
 _TURNS = sa.select(T.turns.c.turn, T.turns.c.speaker, T.turns.c.text, T.turns.c.role) \

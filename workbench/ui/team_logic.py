@@ -157,15 +157,15 @@ class Copied:
 
 def copied_conversations(store, dataset, *, minimum: int = 2, done_only: bool = False, progress=None) -> list[Copied]:
     """The conversations of `dataset` with copies from `minimum` or more annotators (with `done_only`,
-    copies their annotator marked done), in order. One read per conversation (the store has no read of
-    a whole dataset's copies): `progress(done, total)` is told as it goes."""
+    copies their annotator marked done), in order; `progress(done, total)` is told as it goes."""
     summaries = store.conversations(dataset)
+    every_copy = store.dataset_copies(dataset)
     found = []
     for k, summary in enumerate(summaries):
         if progress:
             progress(k, len(summaries))
         try:
-            copies = _copies(store, summary.id, done_only)
+            copies = _only_done(every_copy.get(summary.id, {}), done_only)
             if len(copies) < minimum:
                 continue
             item = Copied(summary.id, summary.position, summary.preview, copies)
@@ -178,8 +178,7 @@ def copied_conversations(store, dataset, *, minimum: int = 2, done_only: bool = 
     return found
 
 
-def _copies(store, conv_id: int, done_only: bool = False) -> dict:
-    copies = store.copies(conv_id)
+def _only_done(copies: dict, done_only: bool) -> dict:
     return {name: c for name, c in copies.items() if c.done} if done_only else copies
 
 
@@ -270,6 +269,7 @@ def agreement(store, dataset, unit: str = "char", model: str = "default", proces
                                  "characters need none.")
     try:
         ids = store.conversation_ids(dataset)
+        every_copy = store.dataset_copies(dataset)
     except StoreError as e:
         return AgreementView(f"⚠️ {e}")
     current = {"position": None}
@@ -279,7 +279,7 @@ def agreement(store, dataset, unit: str = "char", model: str = "default", proces
             if progress:
                 progress(k, len(ids))
             try:
-                copies = _copies(store, cid, done_only)
+                copies = _only_done(every_copy.get(cid, {}), done_only)
                 if len(copies) < 2:
                     continue
                 conv = store.conversation(cid)
@@ -495,7 +495,8 @@ def accept(store, shown: dict, take: str | None, rows, *, users=None, username=N
                 source, said = f"accepted {taken[0]}", f"{taken[0]}'s version (chosen in every region)"
             else:
                 source, said = "merged " + "+".join(taken), f"the merge of {' and '.join(taken)}"
-        store.accept(cid, labels, reviewer=reviewer, expected_version=int(shown["version"]), source=source)
+        store.accept(cid, labels, reviewer=reviewer, expected_version=int(shown["version"]), source=source,
+                     expected_copies=shown.get("copies") or None)  # checked again where the labels are written
     except StaleVersionError as e:
         return again(f"⚠️ Not accepted: {e}. Here is the conversation as it is now; your choices are kept: accept "
                      "again to replace what is there.")
