@@ -235,3 +235,20 @@ def test_a_composed_vlm_gives_the_reference_maps_and_its_square_patch_grid(tmp_p
     result.on[query, result.image_positions[0][1]] = 1.0  # all on the second image token: top right
     cells = image_attention(result, query, mode="on")
     assert np.unravel_index(cells.argmax(), cells.shape) == (0, 1)
+
+
+def test_the_command_reads_conversations_as_the_store_and_training_do(tmp_path):
+    """Issue 22: one reader of JSON and JSONL (models.data.records): a .jsonl file of several records, a
+    line separator inside a string (str.splitlines would cut there), --record to choose; marked text too."""
+    from models.data.records import RecordError
+    from workbench.attention import read_conversation
+
+    records = [{"conversations": [{"from": "human", "value": f"Question {i}\u2028 on two lines?"}]} for i in range(3)]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    assert read_conversation(jsonl) == records[0] and read_conversation(jsonl, 2) == records[2]
+    with pytest.raises(RecordError, match="no record 3 \\(the file has 3\\)"):
+        read_conversation(jsonl, 3)
+    marked = tmp_path / "conversation.txt"
+    marked.write_text("[user]\nWhat colour is the circle?\n[assistant: landmark]\nRed.\n", encoding="utf-8")
+    assert len(read_conversation(marked)["conversations"]) == 2

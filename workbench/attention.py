@@ -509,10 +509,26 @@ def save_outputs(result: AttentionResult, out_dir, *, overlay_token: int | None 
 
 # --- the command -------------------------------------------------------------------------------
 
+def read_conversation(path: Path, index: int = 0):
+    """Record `index` of a .json / .jsonl file (read as the store and training read them), or the
+    conversation of a marked-text file."""
+    from models.data.records import RecordError, load_records
+    from workbench.mask_view import parse_conversation_text
+
+    if path.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
+        return parse_conversation_text(path.read_text(encoding="utf-8"))
+    records = load_records(path)
+    if not -len(records) <= index < len(records):
+        raise RecordError(f"{path}: no record {index} (the file has {len(records)})")
+    return records[index]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("conversation", type=Path, help="a ShareGPT record (JSON; images relative to the file)")
+    parser.add_argument("conversation", type=Path, help="a ShareGPT / LLaMA-Factory .json or .jsonl file (images "
+                        "relative to the file), or a text file of [user] / [assistant: noise] marked turns")
+    parser.add_argument("--record", type=int, default=0, help="which record of a file of several (default: 0)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, hub id, or an "
                         "embedded model's name: default, composed (default: the embedded default VLM)")
     parser.add_argument("--layer", type=int, required=True)
@@ -522,11 +538,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from models.data.align import AlignError
-    from workbench.mask_view import parse_conversation_text
 
     try:
         head = None if args.head == "mean" else int(args.head)
-        record = parse_conversation_text(args.conversation.read_text())
+        record = read_conversation(args.conversation, args.record)
         model, processor = load_model(str(embedded_model(args.model)))
         result = compute_attention(model, processor, record, layer=args.layer, head=head,
                                    image_root=args.conversation.resolve().parent, max_length=args.max_length,

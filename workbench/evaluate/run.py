@@ -220,7 +220,7 @@ def conversation_items(conversations: list, *, ids: list[str], extras: list[dict
 def file_items(path: str, image_root: str = "", limit: int | None = None) -> list[Item]:
     """Items of a ShareGPT / LLaMA-Factory JSON or JSONL file (the store's reader)."""
     from models.data.align import normalize_record
-    from workbench.store.io import load_records
+    from models.data.records import load_records
 
     records = load_records(path)[:limit]
     conversations = [normalize_record(r, index=i) for i, r in enumerate(records)]

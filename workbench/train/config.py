@@ -536,7 +536,7 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
     spans, images present under image_root), with records left to train on after the eval split.
     The first few bad records are named."""
     from models.data.align import AlignError, normalize_record
-    from workbench.store.io import FileError, load_records
+    from models.data.records import FileError, load_records
 
     where = f"dataset {c.dataset}"
     try:

@@ -29,7 +29,7 @@ import models.hybrid  # noqa: F401  (registers the hsa_hybrid model type with th
 from models.composed import PROJECTOR, freeze_for_align, projector_parameters
 from models.vlm.processor import load_processor
 from models.data.align import AlignError, normalize_record
-from workbench.store.io import load_records as read_json_records
+from models.data.records import load_records as read_json_records
 
 from . import data
 from .config import DEFAULT_LORA_TARGETS, LORA_EXCLUDE, TrainConfig, scheduler_kwargs
@@ -49,7 +49,7 @@ def load_records(config: TrainConfig) -> list:
     path = Path(config.dataset)
     if not path.exists():
         raise FileNotFoundError(f"dataset file {path} does not exist")
-    records = read_json_records(path)  # the store's reader: JSON or JSONL, lines end at "\n" only
+    records = read_json_records(path)  # the one reader (models.data.records): JSON or JSONL, as the store reads
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty JSON list of ShareGPT records")
     image_root = Path(config.image_root) if config.image_root else path.parent

@@ -15,6 +15,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -24,6 +25,9 @@ from workbench.train.config import (SCHEDULERS, STORE_PREFIX, ConfigError, check
                                     parse_config)
 from workbench.train.run import ADAPTER_DIR, GATE_STATS, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
+
+if TYPE_CHECKING:  # plotly is imported where a figure is drawn
+    import plotly.graph_objects as go
 
 DEFAULTS = defaults()
 PRESETS: dict[str, dict] = {
@@ -175,7 +179,7 @@ def check_dataset_images(ctx: AppContext, c) -> None:
         return
     from models.data.align import normalize_record
     from workbench.paths import PathRefused
-    from workbench.store.io import read_records
+    from models.data.records import read_records
 
     rule, refused = ctx.paths, []
 
