@@ -185,3 +185,26 @@ def test_reviewed_only_trains_on_what_a_reviewer_accepted(tmp_path):
     assert len(load_records(parse_config({"dataset": "store:team", "store_db": str(db)}, base_dir=tmp_path))) == 3
     with pytest.raises(ConfigError, match="reviewed_only needs a store:NAME dataset"):
         parse_config({"dataset": "d.json", "reviewed_only": True}, base_dir=tmp_path)
+
+
+def test_check_refuses_an_image_that_is_there_but_is_not_an_image(tmp_path):
+    """A file with an image's name and other bytes (or a cut-off PNG) fails the check, before a run starts,
+    naming the record and the file; a real picture passes."""
+    from conftest import shapes_png
+    from workbench.train.config import check_inputs
+
+    shapes_png(tmp_path / "good.png")
+    (tmp_path / "text.png").write_text("not a picture")
+    cut = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(cut[:len(cut) // 2])
+
+    def dataset(image):
+        path = tmp_path / f"data-{image}.json"
+        path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "<image>What is it?"},
+                                                       {"from": "gpt", "value": "A circle."}], "images": [image]}]))
+        return parse_config({"dataset": str(path), "max_steps": 1}, base_dir=tmp_path)
+
+    check_inputs(dataset("good.png"))
+    for image in ("text.png", "cut.png"):
+        with pytest.raises(ConfigError, match=f"record 0: image {image} \\(is not a readable image"):
+            check_inputs(dataset(image))

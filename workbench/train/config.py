@@ -552,7 +552,7 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"{where} holds no records: nothing to train on")
         return
     image_root = Path(c.image_root or Path(c.dataset).parent)
-    bad = []
+    bad, seen = [], {}
     for index, record in enumerate(records):
         try:
             conv = normalize_record(record, index=index)
@@ -563,6 +563,11 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
             missing = [image for image in conv.images if not (image_root / image).is_file()]
             if missing:
                 bad.append(f"record {index}: image {missing[0]} not found under {image_root}")
+            else:
+                unreadable = next((f"{image} ({why})" for image in conv.images
+                                   if (why := _unreadable_image(image_root / image, seen))), None)
+                if unreadable:
+                    bad.append(f"record {index}: image {unreadable}")
         except AlignError as e:
             bad.append(str(e))
         if len(bad) == 3:
@@ -571,6 +576,21 @@ def _check_dataset_file(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"{where} is not a dataset training can read: " + "; ".join(bad)
                         + ("; ..." if len(bad) == 3 else ""))
     _check_eval_split(c, len(records), problems)
+
+
+def _unreadable_image(path: Path, seen: dict) -> str:
+    """'' when `path` is an image PIL can read (its header and structure: verify), else why not. Each
+    file is looked at once however many records name it."""
+    if path not in seen:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            seen[path] = ""
+        except Exception as error:  # noqa: BLE001 - PIL raises several kinds for a file that is not an image
+            seen[path] = f"is not a readable image: {type(error).__name__}: {error}"[:200]
+    return seen[path]
 
 
 def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
