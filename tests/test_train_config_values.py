@@ -12,7 +12,7 @@ import pytest
 
 from conftest import shapes_png
 from workbench.train import ConfigError, check_inputs, parse_config
-from workbench.train.config import check_nproc
+from workbench.jobs.processes import check_nproc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,16 +114,23 @@ def test_check_names_a_nan_learning_rate_without_a_traceback(tmp_path):
         assert part in result.stderr
 
 
-def test_nproc_beyond_the_machine_is_refused():
+def test_nproc_beyond_the_machine_is_refused(tmp_path):
+    """By the check itself, and by the run manager whoever submits (not only the Train tab)."""
     import os
 
+    from workbench.jobs import RunManager
+
     check_nproc(1)
-    with pytest.raises(ConfigError, match="nproc 1000: more processes than"):
+    with pytest.raises(ValueError, match="nproc 1000: more processes than"):
         check_nproc(1000)
     for bad in (0, -2, 1.5, True, "2"):
-        with pytest.raises(ConfigError, match="nproc must be"):
+        with pytest.raises(ValueError, match="nproc must be"):
             check_nproc(bad)
     check_nproc(min(2, os.cpu_count() or 1))
+    manager = RunManager(tmp_path / "runs")
+    with pytest.raises(ValueError, match="nproc 1000"):
+        manager.submit({"dataset": "d.json"}, nproc=1000)
+    assert manager.list() == []
 
 
 def test_the_train_tab_refuses_them_before_starting(tmp_path):

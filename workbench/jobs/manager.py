@@ -228,6 +228,8 @@ class RunManager:
         if launcher not in ENTRY_POINTS:
             raise ValueError(f"launcher must be one of {list(ENTRY_POINTS)}, got {launcher!r}")
         launcher = launcher if command is None else "command"
+        if launcher == "train":
+            processes.check_nproc(nproc)  # whoever submits (a tab, a script): no more processes than devices
         if launcher == "train" and not config.get("threads"):
             # the run's share of the cores (processes.thread_split), divided among its processes, so chat
             # keeps cores of its own while it trains

@@ -25,6 +25,22 @@ def thread_split(cores: int | None = None) -> tuple[int, int]:
     return (int(os.environ.get("WORKBENCH_APP_THREADS", app)), int(os.environ.get("WORKBENCH_RUN_THREADS", run)))
 
 
+def check_nproc(nproc) -> None:
+    """The number of training processes a run may start (DDP): one per GPU on a GPU machine, at most
+    one per CPU core without one. ValueError names nproc otherwise."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a whole number of processes, at least 1, got {nproc!r}")
+    if nproc == 1:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (os.cpu_count() or 1, f"{os.cpu_count() or 1} CPU cores "
+                                                                                  "and no GPU")
+    if nproc > limit:
+        raise ValueError(f"nproc {nproc}: more processes than this machine has devices for ({what}); at most {limit}")
+
+
 def start_token(pid: int) -> str | None:
     """A value that differs between two processes that had the same pid: the start time in clock
     ticks since boot from /proc (exact) or psutil's create time elsewhere. None if no such process."""

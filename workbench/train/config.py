@@ -635,25 +635,6 @@ def _check_store_dataset(c: TrainConfig, problems: list[str]) -> None:
     problems.append(f"store dataset {c.store_dataset!r} has no conversations{known}")
 
 
-def check_nproc(nproc) -> None:
-    """The number of training processes a run may start (DDP): one per GPU on a GPU machine, at most
-    one per CPU core without one. ConfigError names nproc otherwise."""
-    import os
-
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ConfigError(f"nproc must be a whole number of processes, at least 1, got {nproc!r}")
-    if nproc == 1:
-        return
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (os.cpu_count() or 1, f"{os.cpu_count() or 1} CPU cores "
-                                                                                  "and no GPU")
-    if nproc > limit:
-        raise ConfigError(f"nproc {nproc}: more processes than this machine has devices for ({what}); "
-                          f"at most {limit}")
-
-
 def unmatched_lora_targets(found: dict, targets: list[str]) -> str:
     """'' when LoRA's target modules are found in the model the config describes (built on the meta device:
     no weights read), else a message naming those that match nothing. Given targets must each match a module

@@ -21,7 +21,8 @@ import gradio as gr
 
 from workbench.jobs import FINISHED, RUNNING, RunManager, train_command
 from workbench.jobs.manager import CONFIG_NAME
-from workbench.train.config import (SCHEDULERS, STORE_PREFIX, ConfigError, check_inputs, check_nproc, defaults,
+from workbench.jobs.processes import check_nproc
+from workbench.train.config import (SCHEDULERS, STORE_PREFIX, ConfigError, check_inputs, defaults,
                                     parse_config)
 from workbench.train.run import ADAPTER_DIR, GATE_STATS, MODEL_DIR, merge_run_adapter
 from workbench.ui.context import AppContext
