@@ -3,7 +3,8 @@
 `models.data.align.align_record` turns a conversation into input_ids, labels and semantic_ids through
 the chat template. A run used to do that in the collator, for every record at every step of every
 epoch. Here each dataset is aligned once per processor, and the result (token ids, labels,
-semantic_ids, per-token extras such as mm_token_type_ids, and the image references) is written to
+semantic_ids, per-token extras such as mm_token_type_ids, the image references and, when the whole
+dataset's come to at most PIXEL_BUDGET bytes, the image processor's output for them) is written to
 one file in a cache folder whose name is a hash of everything the result depends on:
 
 - the data: the records themselves (a file's parsed records or a store dataset's conversations) and
@@ -15,7 +16,7 @@ one file in a cache folder whose name is a hash of everything the result depends
 - max_length.
 
 Epochs, resumes and later runs on the same data and processor read the file back; `PadCollator` then
-only pads and loads pixels (the image processor on the referenced images). A file is written to a
+only pads (and, for image sets over the budget, runs the image processor on the batch's images). A file is written to a
 temporary name and renamed into place when complete, so a killed writer leaves no entry to read; an
 entry that does not read back whole is rebuilt. `tests/test_align_cache.py` holds the cached path to
 the uncached one batch by batch (`HSACollator` on raw records), its slow, obviously-correct twin.
@@ -36,7 +37,11 @@ import torch
 import models.data.align as align
 from models.data.align import Aligned, AlignError, Conversation, HSACollator, align_record, pad_batch, pad_token_id
 
-FORMAT = 1  # the layout of a cache file; the source hash below changes with it anyway
+FORMAT = 2  # the layout of a cache file; the source hash below changes with it anyway
+# The image processor's output (pixel patches, grids) is kept with the items, and in the cache file, when the
+# whole dataset's comes to at most this many bytes: then a step's data is padding alone. Larger image sets
+# (real photos at full resolution: megabytes a picture) are processed in the collator, batch by batch.
+PIXEL_BUDGET = 256 * 2 ** 20
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUFFIX = ".pt"
 
@@ -56,6 +61,7 @@ class Item:
     semantic_ids: torch.Tensor
     extras: dict = field(default_factory=dict)  # per-token model inputs (mm_token_type_ids, ...)
     images: list = field(default_factory=list)  # as the record names them (relative to image_root)
+    pixels: dict | None = None  # the image processor's output for `images`, when the dataset's fits PIXEL_BUDGET
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -177,7 +183,7 @@ def _pack(items: list[Item], key: str) -> dict:
         extras[name] = {"has": has, "values": values}
     return {"format": FORMAT, "key": key, "offsets": offsets, "input_ids": cat("input_ids"),
             "labels": cat("labels"), "semantic_ids": cat("semantic_ids"), "extras": extras,
-            "images": [list(i.images) for i in items]}
+            "images": [list(i.images) for i in items], "pixels": [i.pixels for i in items]}
 
 
 def _unpack(data: dict, key: str) -> list[Item]:
@@ -185,14 +191,14 @@ def _unpack(data: dict, key: str) -> list[Item]:
         raise ValueError("not this entry")
     offsets = data["offsets"].tolist()
     n = len(offsets) - 1
-    if len(data["images"]) != n or len(data["input_ids"]) != offsets[-1]:
+    if len(data["images"]) != n or len(data["pixels"]) != n or len(data["input_ids"]) != offsets[-1]:
         raise ValueError("incomplete entry")
     items = []
     for k in range(n):
         a, b = offsets[k], offsets[k + 1]
         extras = {name: e["values"][a:b] for name, e in data["extras"].items() if bool(e["has"][k])}
         items.append(Item(data["input_ids"][a:b], data["labels"][a:b], data["semantic_ids"][a:b], extras,
-                          list(data["images"][k])))
+                          list(data["images"][k]), data["pixels"][k]))
     return items
 
 
@@ -258,6 +264,7 @@ def prepare(records: list, processor, *, image_root=None, max_length: int | None
         return Prepared(items, "cache", time.perf_counter() - start, path)
     items = align_all(records, processor, image_root=image_root, max_length=max_length)
     check_image_inputs(records, items, processor, image_root)
+    keep_pixels(items, processor, image_root)
     try:
         write_entry(path, key, items)
         source = "aligned"
@@ -280,6 +287,22 @@ def check_image_inputs(records, items: list[Item], processor, image_root) -> Non
             return
 
 
+def keep_pixels(items: list[Item], processor, image_root, budget: int = None) -> bool:
+    """Each item's image inputs made now, once, if all of them fit `budget` bytes (PIXEL_BUDGET); else none
+    are kept (the collator makes them per batch). Returns whether they were kept."""
+    budget = PIXEL_BUDGET if budget is None else budget
+    total, made = 0, []
+    for index, item in enumerate(items):
+        inputs = image_inputs(processor, item.images, image_root, f"record {index}") if item.images else None
+        total += sum(v.numel() * v.element_size() for v in (inputs or {}).values())
+        if total > budget:
+            return False
+        made.append(inputs)
+    for item, inputs in zip(items, made):
+        item.pixels = inputs
+    return True
+
+
 def image_inputs(processor, images: list, image_root, name: str) -> dict:
     loaded = align._load_images(Conversation([], list(images), name), image_root)
     out = processor.image_processor(images=loaded, return_tensors="pt")
@@ -300,8 +323,9 @@ class AlignedRecords(torch.utils.data.Dataset):
 
 
 class PadCollator:
-    """Aligned items -> a padded batch: loads each item's images through the image processor and pads
-    (models.data.align.pad_batch), nothing else. Without HSA the batch has no semantic_ids."""
+    """Aligned items -> a padded batch: the items' image inputs (kept with them, or made now from their images
+    by the image processor) and padding (models.data.align.pad_batch), nothing else. Without HSA the batch
+    has no semantic_ids."""
 
     def __init__(self, processor, *, image_root=None, hsa: bool = True, padding_side: str = "right"):
         self.processor, self.image_root, self.hsa = processor, image_root, hsa
@@ -311,7 +335,9 @@ class PadCollator:
         aligned = []
         for k, item in enumerate(items):
             inputs = dict(item.extras)
-            if item.images:
+            if item.pixels is not None:
+                inputs.update(item.pixels)
+            elif item.images:
                 inputs.update(image_inputs(self.processor, item.images, self.image_root, f"batch item {k}"))
             aligned.append(Aligned(item.input_ids.long(), torch.ones(len(item), dtype=torch.long),
                                    item.labels.long(), item.semantic_ids.long(), inputs, [], [], [], []))
