@@ -319,6 +319,17 @@ def page(browser):
 SCREENSHOTS = Path(os.environ.get("WORKBENCH_SCREENSHOTS", "/tmp/screens"))
 
 
+def logged_in_page(browser, url: str, user: str, password: str):
+    """A page of its own (a fresh browser context: its own cookies) on `url`, past Gradio's login form."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(url)
+    page.wait_for_selector("input[type=password]", timeout=120_000)
+    page.fill("input[type=text]", user)
+    page.fill("input[type=password]", password)
+    page.keyboard.press("Enter")
+    return page
+
+
 def screenshot(page, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"

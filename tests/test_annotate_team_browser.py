@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, running_server, screenshot
+from conftest import ROOT, free_port, logged_in_page, running_server, screenshot
 from test_annotate_browser import covering
 from workbench.store import Store, import_records
 from workbench.users import User, Users, hash_password
@@ -38,12 +38,7 @@ def team_server(tmp_path_factory):
 
 
 def log_in(browser, url, name):
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    page.goto(url)
-    page.wait_for_selector("input[type=password]", timeout=120_000)
-    page.fill("input[type=text]", name)
-    page.fill("input[type=password]", PASSWORDS[name])
-    page.keyboard.press("Enter")
+    page = logged_in_page(browser, url, name, PASSWORDS[name])
     page.locator("#annotate-view .tok").first.wait_for(timeout=120_000)
     return page
 

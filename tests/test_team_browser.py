@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, free_port, running_server, screenshot
+from conftest import ROOT, free_port, logged_in_page, running_server, screenshot
 from models.hsa import LANDMARK, NOISE
 from workbench.store import Store, import_records
 from workbench.ui import team_logic as T
@@ -216,12 +216,7 @@ def test_assign_progress_agreement_review_merge_and_export(page, open_server):
 
 
 def log_in(browser, url: str, name: str):
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-    page.goto(url)
-    page.wait_for_selector("input[type=password]", timeout=120_000)
-    page.fill("input[type=text]", name)
-    page.fill("input[type=password]", PASSWORDS[name])
-    page.keyboard.press("Enter")
+    page = logged_in_page(browser, url, name, PASSWORDS[name])
     wait_text(page, "#team-who", f"Logged in as {name}")
     return page
 
