@@ -208,3 +208,30 @@ def test_generation_role_and_dtype_are_part_of_the_key():
     with torch.no_grad():
         torch.testing.assert_close(double(ids, semantic_ids=roles).logits.float(), as_landmark,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_the_flex_path_builds_one_block_mask_per_forward_pass(monkeypatch):
+    # The GPU path, run here on the CPU with FlexAttention uncompiled (forward only): every layer of a forward
+    # pass gets the block mask the first one built, a new batch gets its own, and the output is the rule's.
+    from torch.nn.attention import flex_attention as flex
+
+    monkeypatch.setattr(attention, "_compiled_flex", flex.flex_attention)
+    made = []
+    real_create = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: made.append(1) or real_create(*a, **k))
+    gen = torch.Generator().manual_seed(6)
+    module = torch.nn.Module()
+    for batch_index in range(2):
+        roles = torch.randint(0, 3, (2, 40), generator=gen)
+        real = torch.ones(2, 40, dtype=torch.bool)
+        real[1, -9:] = False
+        model_mask = torch.ones(40, 40, dtype=torch.bool).tril() & real[:, None, None, :]
+        allowed = allowed_mask(roles, real)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        for layer in range(3):
+            q, k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(3))
+            out, _ = attention.flex_attention_forward(module, q, k, v, allowed_roles=(roles, model_mask),
+                                                      generation_role=1)
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2)
+            torch.testing.assert_close(out[real], want[real], atol=1e-5, rtol=1e-5)
+        assert len(made) == batch_index + 1

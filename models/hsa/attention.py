@@ -269,14 +269,19 @@ def flex_attention_forward(module, query, key, value, *, allowed_roles, generati
 
     semantic_ids, attention_mask = allowed_roles
     q_len, kv_len = query.shape[2], key.shape[2]
-    roles = extend_roles(semantic_ids.to(query.device), kv_len, generation_role)
-    pad = None
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        # the model's 4D mask: a key is real if some query may see it
-        pad = attention_mask.any(dim=-2)[:, 0, :kv_len]
-    mask_mod = hsa_mask_mod(roles, pad, query_offset=kv_len - q_len)
-    block_mask = create_block_mask(mask_mod, B=roles.shape[0], H=None, Q_LEN=q_len, KV_LEN=kv_len,
-                                   device=query.device)
+
+    def build():
+        roles = extend_roles(semantic_ids.to(query.device), kv_len, generation_role)
+        pad = None
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # the model's 4D mask: a key is real if some query may see it
+            pad = attention_mask.any(dim=-2)[:, 0, :kv_len]
+        mask_mod = hsa_mask_mod(roles, pad, query_offset=kv_len - q_len)
+        return create_block_mask(mask_mod, B=roles.shape[0], H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                                 device=query.device)
+
+    # one block mask per forward pass, shared by its layers (building one evaluates the rule on every block)
+    block_mask = _shared("flex", query, key, attention_mask, semantic_ids, generation_role, build)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling,
