@@ -25,12 +25,6 @@ def record(user="What colour is the circle?", answer="It is red.", **extra):
 
 
 @pytest.fixture
-def store(store_url):
-    with Store(store_url) as s:
-        yield s
-
-
-@pytest.fixture
 def data_dir(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
@@ -371,3 +365,28 @@ def test_semantic_ids_export_matches_alignment_with_a_local_tokenizer(store, tmp
         assert line["semantic_ids"] == expected.semantic_ids.tolist()
         assert line["labels"] == expected.labels.tolist()
     assert NOISE in lines[0]["semantic_ids"] and LANDMARK in lines[0]["semantic_ids"]
+
+
+def test_a_record_the_database_refuses_is_named_and_the_others_of_its_batch_are_stored(store, monkeypatch):
+    """Records are written together at the end of a batch; when the database refuses that write (here a
+    role its CHECK constraint rejects, which the importer's checks would have caught), each record is
+    written again on its own: the refused one is an error by name, nothing of it stays, the rest are stored."""
+    from workbench.store.db import Store as StoreClass
+
+    make = StoreClass._record
+
+    def broken(self, cid, dataset_id, position, conversation, *args):
+        made = make(self, cid, dataset_id, position, conversation, *args)
+        if conversation.turns[0].text == "Broken?":
+            made.turns[0]["role"] = 7
+        return made
+
+    monkeypatch.setattr(StoreClass, "_record", broken)
+    report = import_records(store, "d", [("record 0", record("First?")), ("record 1", record("Broken?")),
+                                         ("record 2", record("Third?"))])
+    assert report.stored == 2 and len(report.errors) == 1 and report.errors[0].startswith("record 1: "), report
+    assert "check" in report.errors[0].lower() and "INSERT" not in report.errors[0] and "COPY" not in report.errors[0]
+    assert [store.conversation(c).turns[0].text for c in report.conversation_ids] == ["First?", "Third?"]
+    assert counts(store) == {"conversations": 2, "turns": 4, "spans": 0, "images": 0, "revisions": 2}
+    again = import_records(store, "d", [("record 0", record("First?")), ("record 3", record("Fourth?"))])
+    assert again.stored == 1 and again.skipped and store.dataset("d").total == 3

@@ -509,13 +509,18 @@ class Store:
 
     @staticmethod
     def _insert_records(db, records: list["_Record"]) -> None:
-        """Insert whole records, many rows per statement."""
+        """Insert whole records, many rows at once: SQLite's executemany; PostgreSQL's COPY (psycopg's
+        executemany sends a statement per row: an import took 3x as long as on SQLite)."""
         for table, rows in ((T.conversations, [r.conversation for r in records]),
                             (T.turns, [row for r in records for row in r.turns]),
                             (T.spans, [row for r in records for row in r.spans]),
                             (T.images, [row for r in records for row in r.images]),
                             (T.revisions, [r.revision for r in records])):
-            if rows:
+            if not rows:
+                continue
+            if db.dialect.name == "postgresql":
+                _copy_rows(db, table, rows)
+            else:
                 db.execute(table.insert(), rows)
 
     def _reserve_ids(self, db, n: int, above: int = 0) -> list[int]:
@@ -959,6 +964,22 @@ _SPANS = text('SELECT turn, start, "end", role FROM spans WHERE conversation_id 
 _IMAGES = text("SELECT file FROM images WHERE conversation_id = :cid ORDER BY position")
 _PREVIEWS = text("SELECT conversation_id, speaker, substr(text, 1, 200) FROM turns WHERE conversation_id IN :ids "
                  "ORDER BY conversation_id, turn").bindparams(bindparam("ids", expanding=True))
+
+
+def _copy_rows(db, table: sa.Table, rows: list[dict]) -> None:
+    """COPY rows into a PostgreSQL table on `db`'s connection, inside its transaction; the columns' types
+    prepare the values (SafeText); a refusal is raised as SQLAlchemy's error, as an INSERT's would be."""
+    import psycopg
+
+    columns = [c for c in table.columns if c.name in rows[0]]
+    binds = [c.type.bind_processor(db.dialect) if isinstance(c.type, sa.types.TypeDecorator) else None for c in columns]
+    statement = f"COPY {table.name} ({', '.join(db.dialect.identifier_preparer.quote(c.name) for c in columns)}) FROM STDIN"
+    try:
+        with db.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([bind(row[c.name]) if bind else row[c.name] for c, bind in zip(columns, binds)])
+    except psycopg.Error as e:
+        raise sa.exc.DBAPIError.instance(statement, None, e, psycopg.Error) from None
 
 
 def _replace(new_labels: Labels, action: str):
