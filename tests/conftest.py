@@ -405,6 +405,15 @@ def store_url(request, tmp_path):
 
 
 @pytest.fixture
+def store(store_url):
+    """A Store on each engine (see store_url), closed after the test."""
+    from workbench.store import Store
+
+    with Store(store_url) as opened:
+        yield opened
+
+
+@pytest.fixture
 def blank_postgres_url(postgres_server, tmp_path):
     """A PostgreSQL database with no tables (the store creates its schema on opening)."""
     with postgres_database(postgres_server, tmp_path / "db" / "images", template="template0") as url:

@@ -12,19 +12,13 @@ import pytest
 from conftest import sql
 from models.data.align import Span
 from models.hsa import GLOBAL, LANDMARK, NOISE
-from workbench.store import (NotFoundError, StaleVersionError, Store, StoreError, export_dataset, import_records)
+from workbench.store import NotFoundError, StaleVersionError, StoreError, export_dataset, import_records
 from workbench.store.__main__ import main as cli
 
 
 def record(user="What colour is the circle?", answer="It is red."):
     return {"conversations": [{"from": "human", "value": user},
                               {"from": "gpt", "value": answer, "semantic_type": "LANDMARK"}]}
-
-
-@pytest.fixture
-def store(store_url):
-    with Store(store_url) as s:
-        yield s
 
 
 def add(store, n=1, dataset="d", start=0):

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import ROOT, check_integrity, shapes_png, sql, sql_write
+from conftest import ROOT, shapes_png, sql, sql_write
 from models.data.align import Span
-from workbench.store import (FileError, StaleVersionError, Store, StoreBusyError, StoreError, import_file,
+from workbench.store import (FileError, Store, StoreBusyError, StoreError, import_file,
                              import_records, import_upload, load_records)
 from workbench.store.engine import locate
 
@@ -38,12 +38,6 @@ def cli(*args, timeout=60):
     """`python -m workbench.store ARGS` in a real process."""
     return subprocess.run([sys.executable, "-m", "workbench.store", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def store(store_url):
-    with Store(store_url) as s:
-        yield s
 
 
 @pytest.fixture

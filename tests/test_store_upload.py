@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, shapes_png
-from workbench.store import FileError, Store, export_dataset, import_upload, load_records, read_records
+from workbench.store import FileError, export_dataset, import_upload, load_records, read_records
 
 EXAMPLES = ROOT / "annotations" / "examples"
-
-
-@pytest.fixture
-def store(store_url):
-    with Store(store_url) as s:
-        yield s
 
 
 def rec(image=None, user="What colour is the circle?", **extra):
