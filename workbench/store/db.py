@@ -124,6 +124,7 @@ class StoredConversation:
     annotator: str | None = None  # None: the main labels; a name: that annotator's copy
     reviewed_by: str | None = None  # who accepted the main labels (None: not reviewed)
     reviewed_at: float | None = None
+    copy_stored: bool = False  # an annotator's copy: written already (False: the labels as imported, unsaved)
 
     def labels(self) -> Labels:
         return [(t.role, list(t.spans)) for t in self.turns]
@@ -574,6 +575,7 @@ class Store:
         row = db.execute(text("SELECT version, done, labels, updated_at, updated_by FROM copies "
                               "WHERE conversation_id = :cid AND annotator = :annotator" + (self._for_update if lock else "")),
                          {"cid": cid, "annotator": annotator}).first()
+        conv.copy_stored = row is not None
         if row is None:
             labels, conv.version, conv.labelled, conv.updated_at, conv.updated_by = \
                 self._imported_labels(db, conv), 1, False, 0.0, ""
@@ -716,7 +718,7 @@ class Store:
         """`annotator`'s copy, locked until the transaction ends; made (from the labels as imported, with
         an 'import' revision at version 1) if it did not exist."""
         conv = self._read_copy(db, cid, annotator, lock=True)
-        if conv.updated_at:  # it exists (a copy's updated_at is set when it is made)
+        if conv.copy_stored:
             return conv
         now = time.time()
         made = db.execute(text(
