@@ -357,11 +357,13 @@ def postgres_server():
     from workbench.store.pgserver import PostgresNotFound, PostgresServer
 
     try:
-        server = PostgresServer().start()
+        server, missing = PostgresServer().start(), None
     except PostgresNotFound as e:
+        server, missing = None, str(e)
+    if missing:
         if SKIP_POSTGRES:
-            pytest.skip(f"HSA_SKIP_POSTGRES=1: {e}")
-        pytest.fail(f"{e}; set HSA_SKIP_POSTGRES=1 to skip the PostgreSQL half of the store tests", pytrace=False)
+            pytest.skip(f"HSA_SKIP_POSTGRES=1: {missing}")
+        pytest.fail(f"{missing}; set HSA_SKIP_POSTGRES=1 to skip the PostgreSQL half of the store tests", pytrace=False)
     try:
         from workbench.store import Store
 
