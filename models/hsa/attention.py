@@ -66,6 +66,8 @@ def hsa_attention_forward(
     if kind == "plain":  # nothing to hide (e.g. a batch without NOISE turns): HSA is the model's own mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    if kind == "segments":
+        return segment_attention(query, key, value, plan, dropout=dropout, scaling=scaling), None
     if kind == "compacted":
         return compacted_attention(module, query, key, value, None, None, dropout=dropout, scaling=scaling,
                                    rows=plan), None
@@ -122,7 +124,8 @@ COMPACT_FROM = 1024  # keys; below this one shared additive mask is faster than 
 
 def _cpu_plan(module, query, key, attention_mask, semantic_ids, generation_role=None):
     """How this forward pass computes HSA on the CPU (decided and built by its first layer):
-    ("plain", None) when no key that the model's mask shows is NOISE; ("compacted", rows) for long sequences under a plain causal +
+    ("segments", rows) for several sequences packed into a row (padding-free batches: attention within each
+    one, `segment_masks`); ("plain", None) when no key that the model's mask shows is NOISE; ("compacted", rows) for long sequences under a plain causal +
     padding mask; otherwise ("dense", additive mask [B, 1, Q, K] in the query's dtype)."""
     role = _generation_role(module, generation_role)
 
@@ -132,6 +135,10 @@ def _cpu_plan(module, query, key, attention_mask, semantic_ids, generation_role=
         if roles.shape[0] not in (1, query.shape[0]):
             raise ValueError(f"semantic_ids has batch {roles.shape[0]} but the attention has batch {query.shape[0]}")
         noise = roles == NOISE
+        if q_len == kv_len:
+            rows = _packed_segments(attention_mask, q_len)
+            if rows is not None:
+                return "segments", segment_masks(roles.expand(query.shape[0], -1), rows, query.dtype)
         if not (noise & _visible_keys(attention_mask, kv_len)).any():
             return "plain", None
         if q_len == kv_len >= COMPACT_FROM:
@@ -143,6 +150,62 @@ def _cpu_plan(module, query, key, attention_mask, semantic_ids, generation_role=
         return "dense", bias.masked_fill_(~allowed, float("-inf"))
 
     return _shared(f"plan {query.dtype}", query, key, attention_mask, semantic_ids, role, plan)
+
+
+def _packed_segments(attention_mask, length: int) -> list | None:
+    """Per batch row, the (start, stop) of the sequences packed one after another into it, when the model's mask
+    is exactly causal attention within each of them, with no padding (transformers builds it so from position
+    ids that restart at 0: a padding-free batch); None for any other mask, or for one sequence a row."""
+    if (attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or attention_mask.shape[1] != 1 or attention_mask.shape[-2:] != (length, length) or length < 2):
+        return None
+    mask = attention_mask[:, 0]
+    before = torch.arange(1, length, device=mask.device)
+    starts = ~mask[:, before, before - 1]  # a sequence starts where a query cannot see the key before it
+    if not starts.any():
+        return None
+    segment = torch.cat([starts.new_zeros(mask.shape[0], 1), starts], 1).long().cumsum(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal(mask, causal & (segment[:, :, None] == segment[:, None, :])):
+        return None
+    rows = []
+    for row in starts:
+        bounds = [0] + (row.nonzero().squeeze(1) + 1).tolist() + [length]
+        rows.append(list(zip(bounds[:-1], bounds[1:])))
+    return rows
+
+
+def segment_masks(roles: torch.Tensor, rows: list, dtype: torch.dtype) -> list:
+    """Per row, per packed sequence: (start, stop, additive mask [1, 1, n, n] of causal attention and the role
+    rule within it, or None where the rule hides nothing there: plain causal attention)."""
+    plan = []
+    for b, segments in enumerate(rows):
+        row = []
+        for start, stop in segments:
+            r = roles[b:b + 1, start:stop]
+            bias = None
+            if (r == NOISE).any() and (r != NOISE).any():
+                allowed = role_rule(r, r) & torch.ones(stop - start, stop - start, dtype=torch.bool,
+                                                       device=r.device).tril()
+                bias = torch.zeros(allowed.shape, dtype=dtype, device=r.device).masked_fill_(~allowed, float("-inf"))
+            row.append((start, stop, bias))
+        plan.append(row)
+    return plan
+
+
+def segment_attention(query, key, value, plan: list, *, dropout=0.0, scaling=None) -> torch.Tensor:
+    """Attention of a padding-free batch, sequence by sequence (what the model's block-diagonal mask allows,
+    without computing the blocks it hides): [B, H, N, D] -> [B, N, H, D]."""
+    gqa = query.shape[1] != key.shape[1]
+    out = []
+    for b, segments in enumerate(plan):
+        sizes = [stop - start for start, stop, _ in segments]
+        parts = zip(query[b:b + 1].split(sizes, 2), key[b:b + 1].split(sizes, 2), value[b:b + 1].split(sizes, 2),
+                    (bias for _, _, bias in segments))
+        out.append(torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, is_causal=bias is None, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            for q, k, v, bias in parts], dim=2))
+    return (out[0] if len(out) == 1 else torch.cat(out, 0)).transpose(1, 2).contiguous()
 
 
 def _visible_keys(attention_mask, kv_len: int):

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 import models.data.align as align
-from models.data.align import Aligned, AlignError, Conversation, HSACollator, align_record, pad_batch, pad_token_id
+from models.data.align import (IGNORE_INDEX, Aligned, AlignError, Conversation, HSACollator, align_record, pad_batch,
+                               pad_token_id)
 
 FORMAT = 2  # the layout of a cache file; the source hash below changes with it anyway
 # The image processor's output (pixel patches, grids) is kept with the items, and in the cache file, when the
@@ -323,13 +324,21 @@ class AlignedRecords(torch.utils.data.Dataset):
 
 
 class PadCollator:
-    """Aligned items -> a padded batch: the items' image inputs (kept with them, or made now from their images
-    by the image processor) and padding (models.data.align.pad_batch), nothing else. Without HSA the batch
-    has no semantic_ids."""
+    """Aligned items -> a batch: the items' image inputs (kept with them, or made now from their images by the
+    image processor) and padding (models.data.align.pad_batch), nothing else. Without HSA the batch has no
+    semantic_ids.
 
-    def __init__(self, processor, *, image_root=None, hsa: bool = True, padding_side: str = "right"):
+    With `positions` (`record_positions(model)`), the batch is padding-free: its records one after another in
+    a single row, each with the position ids it has alone, and no attention mask, from which transformers
+    builds attention within each record only; the first label of each record is ignored (it would be predicted
+    from the record before; alone, nothing predicts it). Same loss and gradients as the padded batch, without
+    computing the padding (a quarter of the tokens of a batch of 4 shapes conversations)."""
+
+    def __init__(self, processor, *, image_root=None, hsa: bool = True, padding_side: str = "right",
+                 positions=None):
         self.processor, self.image_root, self.hsa = processor, image_root, hsa
         self.pad_id, self.padding_side = pad_token_id(processor), padding_side
+        self.positions = positions
 
     def __call__(self, items: list[Item]) -> dict:
         aligned = []
@@ -341,10 +350,71 @@ class PadCollator:
                 inputs.update(image_inputs(self.processor, item.images, self.image_root, f"batch item {k}"))
             aligned.append(Aligned(item.input_ids.long(), torch.ones(len(item), dtype=torch.long),
                                    item.labels.long(), item.semantic_ids.long(), inputs, [], [], [], []))
-        batch = pad_batch(aligned, pad_token_id=self.pad_id, padding_side=self.padding_side)
+        if self.positions is not None:
+            batch = padding_free_batch(aligned, self.positions)
+        else:
+            batch = pad_batch(aligned, pad_token_id=self.pad_id, padding_side=self.padding_side)
         if not self.hsa:
             batch.pop("semantic_ids")
         return batch
+
+
+def padding_free_batch(aligned: list[Aligned], positions) -> dict:
+    """The records one after another in one row, no padding (see PadCollator)."""
+    labels = []
+    for a in aligned:
+        own = a.labels.clone()
+        own[0] = IGNORE_INDEX
+        labels.append(own)
+    batch = {"input_ids": torch.cat([a.input_ids for a in aligned])[None], "labels": torch.cat(labels)[None],
+             "semantic_ids": torch.cat([a.semantic_ids for a in aligned])[None]}
+    for key in sorted({k for a in aligned for k in a.model_inputs}):
+        with_key = [a for a in aligned if key in a.model_inputs]
+        if all(a.model_inputs[key].dim() == 1 and len(a.model_inputs[key]) == len(a) for a in with_key):
+            batch[key] = torch.cat([a.model_inputs[key] if key in a.model_inputs
+                                    else torch.zeros(len(a), dtype=torch.long) for a in aligned])[None]
+        else:  # per-image inputs (pixel patches, grids) are concatenated along their first dimension
+            batch[key] = torch.cat([a.model_inputs[key] for a in with_key], dim=0)
+    ids = torch.cat([positions(a) for a in aligned], dim=-1)  # [R, N]
+    batch["position_ids"] = ids if len(ids) == 1 else ids[:, None]  # [1, N], or [R, 1, N] (Qwen2-VL: text + mrope)
+    return batch
+
+
+# model types whose attention masks transformers builds from packed position ids (a new record where they restart),
+# checked by tests/test_train_padding_free.py; the hybrid's Mamba branch would carry state from one record to the next
+TEXT_POSITIONS = {"llama", "qwen2", "qwen3"}
+MROPE_POSITIONS = {"qwen2_vl"}
+
+
+def record_positions(model):
+    """A function giving one aligned record's position ids alone ([R, n]) for padding-free batches, or None where
+    the model cannot take them. Qwen2-VL: the text positions (from which the mask is built) over its three
+    rotary position rows, from the model's own get_rope_index."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", None)
+    if model_type in TEXT_POSITIONS:
+        return _text_positions
+    if model_type in MROPE_POSITIONS:
+        return _MropePositions(base.model.get_rope_index)
+    return None
+
+
+def _text_positions(a: Aligned) -> torch.Tensor:
+    return torch.arange(len(a))[None]
+
+
+class _MropePositions:
+    def __init__(self, rope_index):
+        self.rope_index = rope_index
+
+    def __call__(self, a: Aligned) -> torch.Tensor:
+        n = len(a)
+        types = a.model_inputs.get("mm_token_type_ids")
+        rope, _ = self.rope_index(a.input_ids[None],
+                                  mm_token_type_ids=(types if types is not None else torch.zeros(n, dtype=torch.long))[None],
+                                  image_grid_thw=a.model_inputs.get("image_grid_thw"),
+                                  attention_mask=torch.ones(1, n, dtype=torch.long))
+        return torch.cat([torch.arange(n)[None], rope[:, 0].to(torch.long)], 0)
 
 
 def uncached_collator(processor, *, image_root=None, max_length: int | None, hsa: bool = True):

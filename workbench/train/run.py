@@ -125,6 +125,7 @@ def load_model(config: TrainConfig):
             raise
         model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)  # a text-only model
     model.config.use_cache = False  # a KV cache is for generation; it only costs memory in training
+    model.config.get_text_config().use_cache = False  # (a VLM's language model reads its own config)
 
     if config.stage == "align":  # a composed VLM's projector alone; the vision tower and the LM stay frozen
         freeze_for_align(model)
@@ -283,7 +284,14 @@ def dataloader_workers(config: TrainConfig) -> int:
     return data.default_workers() if config.dataloader_num_workers < 0 else config.dataloader_num_workers
 
 
-def training_arguments(config: TrainConfig, has_eval: bool, n_train: int = 0) -> TrainingArguments:
+def padding_free_positions(model):
+    """`data.record_positions` for this run's model where padding-free batches apply: on the CPU (the GPU's
+    FlexAttention path builds its block mask from roles and padding, not from the model's mask of packed records)."""
+    return None if torch.cuda.is_available() else data.record_positions(model)
+
+
+def training_arguments(config: TrainConfig, has_eval: bool, n_train: int = 0,
+                       padding_free: bool = False) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     workers = dataloader_workers(config)
@@ -305,7 +313,7 @@ def training_arguments(config: TrainConfig, has_eval: bool, n_train: int = 0) ->
         fp16=dtype == torch.float16 and cuda and config.quantization == "none",
         use_cpu=not cuda, ddp_backend="gloo" if distributed and not cuda else None, ddp_find_unused_parameters=False,
         gradient_checkpointing=False,  # enabled on the model by load_model, with peft's input hook
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",  # (no attention mask, no padding)
         remove_unused_columns=False,  # the dataset yields aligned records for the collator
         dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0, dataloader_pin_memory=cuda,
         report_to="none", disable_tqdm=True,  # metrics lines in the log instead of redrawn bars
@@ -386,7 +394,11 @@ def train(config: TrainConfig) -> dict:
     print(f"model: {config.base_model} attention={'hsa' if config.hsa else 'sdpa'} "
           f"finetuning={config.finetuning} quantization={config.quantization}", flush=True)
 
-    args = training_arguments(config, has_eval=bool(eval_items), n_train=len(train_items))
+    positions = padding_free_positions(model)
+    print(f"data: {'padding-free batches (records one after another, attention within each)' if positions else 'padded batches'}",
+          flush=True)
+    args = training_arguments(config, has_eval=bool(eval_items), n_train=len(train_items),
+                              padding_free=positions is not None)
     world = int(os.environ.get("WORLD_SIZE", 1))
     gated = has_gates(model)
     extra = dict(train_config=config, stats_path=out / GATE_STATS) if gated else {}
@@ -394,7 +406,8 @@ def train(config: TrainConfig) -> dict:
         model=model, args=args, **extra,
         train_dataset=data.AlignedRecords(train_items),
         eval_dataset=data.AlignedRecords(eval_items) if eval_items else None,
-        data_collator=data.PadCollator(processor, image_root=config.image_root or None, hsa=config.hsa),
+        data_collator=data.PadCollator(processor, image_root=config.image_root or None, hsa=config.hsa,
+                                       positions=positions),
         callbacks=[MetricsCallback(out / METRICS_FILE, config.batch_size * config.grad_accum * world),
                    (cancel := SaveOnCancel().install())],
     )
