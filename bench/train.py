@@ -11,7 +11,9 @@ backward; AdamW on the LoRA parameters: "compute") runs with HSA on and off in A
 the machine's load hits every variant alike. Medians over the steps after two warm-up steps.
 "Prepare" is the one-time cost before step 1: aligning every record and writing the cache (cold), or
 reading it back (warm: a later epoch's, resume's or run's). "s/step in a run" spreads it over the run's
-steps: (prepare + steps x (data + compute)) / steps.
+steps: (prepare + steps x (data + compute)) / steps. "free": the warm records in padding-free batches (one
+row, no padding: what `workbench.train` uses on the CPU for this model), HSA on and off, in the same ABBA
+rotation.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 QUANTIZATIONS = {"lora": "none", "qlora": "4bit"}
-PATHS = ("uncached", "cold", "warm")
 
 
 def model_path(requested: str | None, scratch: Path) -> tuple[Path, str]:
@@ -56,7 +57,7 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
     from models.vlm.processor import load_processor
     from workbench.train import data as train_data
     from workbench.train import parse_config
-    from workbench.train.run import load_model
+    from workbench.train.run import load_model, padding_free_positions
 
     torch.set_num_threads(threads)
     config = parse_config({"dataset": data, "base_model": model, "batch_size": batch_size, "max_steps": steps,
@@ -78,6 +79,9 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
                                            num_workers=workers, persistent_workers=workers > 0, drop_last=True,
                                            generator=torch.Generator().manual_seed(0))
 
+    net = load_model(config)
+    net.train()
+    positions = padding_free_positions(net)
     sources = {
         "uncached": loader(records, train_data.uncached_collator(processor, image_root=image_root,
                                                                  max_length=config.max_length)),
@@ -86,6 +90,10 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
         "warm": loader(train_data.AlignedRecords(prepared["warm"].items),
                        train_data.PadCollator(processor, image_root=image_root)),
     }
+    if positions is not None:  # the same batches without padding (what a run on this machine uses)
+        sources["free"] = loader(train_data.AlignedRecords(prepared["warm"].items),
+                                 train_data.PadCollator(processor, image_root=image_root, positions=positions))
+    paths = list(sources)
     iterators = {path: iter(source) for path, source in sources.items()}
 
     def next_batch(path):
@@ -95,8 +103,6 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
             iterators[path] = iter(sources[path])
             return next(iterators[path])
 
-    net = load_model(config)
-    net.train()
     device = next(p for p in net.parameters() if p.requires_grad).device
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
@@ -110,11 +116,12 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    data_times = {path: [] for path in PATHS}
-    compute = {True: [], False: []}
+    data_times = {path: [] for path in paths}
+    shapes = [p for p in ("warm", "free") if p in sources]  # padded batches, and padding-free ones where they apply
+    compute = {(shape, hsa): [] for shape in shapes for hsa in (True, False)}
     for i in range(warmup + steps):
         batches = {}
-        for path in PATHS:
+        for path in paths:
             start = time.perf_counter()
             batches[path] = next_batch(path)
             if i >= warmup:
@@ -122,16 +129,19 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
         if i == 0:  # every path gives the same batches
             for path in ("cold", "warm"):
                 assert all(torch.equal(batches[path][k], batches["uncached"][k]) for k in batches["uncached"])
-        for hsa in ((True, False) if i % 2 == 0 else (False, True)):  # ABBA: neither always goes first
-            t = step(batches["warm"], hsa)
+        variants = [(shape, hsa) for shape in shapes for hsa in (True, False)]
+        for shape, hsa in (variants if i % 2 == 0 else variants[::-1]):  # ABBA: none always goes first
+            t = step(batches[shape], hsa)
             if i >= warmup:
-                compute[hsa].append(t)
+                compute[shape, hsa].append(t)
     median = statistics.median
     return {"kind": kind, "device": device.type, "threads": torch.get_num_threads(), "workers": workers,
             "records": len(records), "steps": steps,
-            "prepare_s": {"uncached": 0.0, "cold": prepared["cold"].seconds, "warm": prepared["warm"].seconds},
-            "data_s": {path: median(data_times[path]) for path in PATHS},
-            "compute_s": {"hsa": median(compute[True]), "sdpa": median(compute[False])},
+            "prepare_s": {"uncached": 0.0, "cold": prepared["cold"].seconds, "warm": prepared["warm"].seconds,
+                          "free": prepared["warm"].seconds},
+            "data_s": {path: median(data_times[path]) for path in paths},
+            "compute_s": {f"{'hsa' if hsa else 'sdpa'}{'' if shape == 'warm' else ' free'}": median(times)
+                          for (shape, hsa), times in compute.items()},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -141,16 +151,22 @@ def report(r: dict) -> None:
           f"workers, {steps} steps measured, device {r['device']}, peak RSS {r['peak_rss_mb']:.0f} MB")
     print(f"{'data path':<10} {'attention':<9} {'prepare s':>10} {'data s/step':>12} {'compute s/step':>15} "
           f"{'s/step':>8} {'s/step in a run':>16}")
-    for path in PATHS:
+    for path in r["data_s"]:
         for name in ("hsa", "sdpa"):
-            data, comp, prep = r["data_s"][path], r["compute_s"][name], r["prepare_s"][path]
+            data, prep = r["data_s"][path], r["prepare_s"][path]
+            comp = r["compute_s"][f"{name} free" if path == "free" else name]
             print(f"{path:<10} {name:<9} {prep:>10.3f} {data:>12.4f} {comp:>15.4f} {data + comp:>8.4f} "
                   f"{(prep + steps * (data + comp)) / steps:>16.4f}")
     warm = {name: r["data_s"]["warm"] + r["compute_s"][name] for name in ("hsa", "sdpa")}
     before = {name: r["data_s"]["uncached"] + r["compute_s"][name] for name in ("hsa", "sdpa")}
     print(f"HSA on / off, s/step: {warm['hsa'] / warm['sdpa']:.3f} (cached data), "
           f"{before['hsa'] / before['sdpa']:.3f} (aligned in the collator); "
-          f"HSA on, uncached / cached s/step: {before['hsa'] / warm['hsa']:.3f}\n")
+          f"HSA on, uncached / cached s/step: {before['hsa'] / warm['hsa']:.3f}")
+    if "free" in r["data_s"]:
+        free = {name: r["data_s"]["free"] + r["compute_s"][f"{name} free"] for name in ("hsa", "sdpa")}
+        print(f"padding-free batches: HSA on / off s/step {free['hsa'] / free['sdpa']:.3f}; padded / padding-free "
+              f"s/step, HSA on {warm['hsa'] / free['hsa']:.3f}, HSA off {warm['sdpa'] / free['sdpa']:.3f}")
+    print()
 
 
 args_batch = 0

@@ -161,3 +161,21 @@ def test_segment_attention_equals_the_dense_rule_on_the_packed_mask():
     for a, b in zip(torch.autograd.grad((fast * weights).sum(), (q, k, v)),
                     torch.autograd.grad((slow * weights).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_records_positions_are_made_once_a_run_and_never_given_to_another_record():
+    calls = []
+
+    def positions(a):
+        calls.append(len(a))
+        return torch.arange(len(a))[None]
+    collate = data.PadCollator(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0)), positions=positions)
+    first = text_items(3, seed=5)
+    want = collate(first)
+    assert len(calls) == 3
+    assert all(torch.equal(collate(first)[k], want[k]) for k in want) and len(calls) == 3  # kept
+    del want
+    for seed in range(6, 12):  # new items, some perhaps where freed ones were: each gets its own positions
+        others = text_items(3, seed=seed)
+        batch = collate(others)
+        assert batch["position_ids"][0].tolist() == [p for item in others for p in range(len(item))]

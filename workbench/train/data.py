@@ -339,6 +339,7 @@ class PadCollator:
         self.processor, self.image_root, self.hsa = processor, image_root, hsa
         self.pad_id, self.padding_side = pad_token_id(processor), padding_side
         self.positions = positions
+        self._kept_positions, self._kept_bytes = {}, 0  # id(item) -> (item, position ids): made once a run
 
     def __call__(self, items: list[Item]) -> dict:
         aligned = []
@@ -351,7 +352,7 @@ class PadCollator:
             aligned.append(Aligned(item.input_ids.long(), torch.ones(len(item), dtype=torch.long),
                                    item.labels.long(), item.semantic_ids.long(), inputs, [], [], [], []))
         if self.positions is not None:
-            batch = padding_free_batch(aligned, self.positions)
+            batch = padding_free_batch(aligned, [self._positions_of(item, a) for item, a in zip(items, aligned)])
         else:
             batch = pad_batch(aligned, pad_token_id=self.pad_id, padding_side=self.padding_side)
         if not self.hsa:
@@ -359,8 +360,22 @@ class PadCollator:
         return batch
 
 
-def padding_free_batch(aligned: list[Aligned], positions) -> dict:
-    """The records one after another in one row, no padding (see PadCollator)."""
+    def _positions_of(self, item: Item, a: Aligned) -> torch.Tensor:
+        kept = self._kept_positions.get(id(item))
+        if kept is not None and kept[0] is item:
+            return kept[1]
+        ids = self.positions(a)
+        if self._kept_bytes + ids.numel() * ids.element_size() <= POSITIONS_BUDGET:
+            self._kept_positions[id(item)] = (item, ids)
+            self._kept_bytes += ids.numel() * ids.element_size()
+        return ids
+
+
+POSITIONS_BUDGET = 64 * 2 ** 20  # bytes of position ids a collator keeps (Qwen2-VL's: 32 bytes a token)
+
+
+def padding_free_batch(aligned: list[Aligned], positions: list[torch.Tensor]) -> dict:
+    """The records one after another in one row, no padding (see PadCollator); `positions`: each one's [R, n]."""
     labels = []
     for a in aligned:
         own = a.labels.clone()
@@ -375,7 +390,7 @@ def padding_free_batch(aligned: list[Aligned], positions) -> dict:
                                     else torch.zeros(len(a), dtype=torch.long) for a in aligned])[None]
         else:  # per-image inputs (pixel patches, grids) are concatenated along their first dimension
             batch[key] = torch.cat([a.model_inputs[key] for a in with_key], dim=0)
-    ids = torch.cat([positions(a) for a in aligned], dim=-1)  # [R, N]
+    ids = torch.cat(positions, dim=-1)  # [R, N]
     batch["position_ids"] = ids if len(ids) == 1 else ids[:, None]  # [1, N], or [R, 1, N] (Qwen2-VL: text + mrope)
     return batch
 
