@@ -332,7 +332,8 @@ class PadCollator:
     a single row, each with the position ids it has alone, and no attention mask, from which transformers
     builds attention within each record only; the first label of each record is ignored (it would be predicted
     from the record before; alone, nothing predicts it). Same loss and gradients as the padded batch, without
-    computing the padding (a quarter of the tokens of a batch of 4 shapes conversations)."""
+    computing the padding (a quarter of the tokens of a batch of 4 shapes conversations); only dropout draws
+    its random masks for the row's shape instead of the padded batch's."""
 
     def __init__(self, processor, *, image_root=None, hsa: bool = True, padding_side: str = "right",
                  positions=None):
