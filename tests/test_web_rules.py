@@ -143,8 +143,25 @@ def test_served_paths_leave_out_the_database_and_runs(tmp_path):
 
     ctx = AppContext.create(tmp_path / "ws")
     served = served_paths(ctx)
+    assert str(ctx.db_path.parent / "images") in served
     for private in (ctx.db_path, ctx.runs_dir, ctx.workspace / "tmp", ctx.workspace):
         assert not any(str(private) == s or str(private).startswith(s + os.sep) for s in served), private
+
+
+def test_a_postgresql_stores_images_are_served_from_where_its_url_puts_them(tmp_path):
+    """Issue 23: with --db postgresql://..., the pages show the images from the URL's image_dir (default:
+    WORKSPACE/images), not from a folder beside a database file that does not exist."""
+    from workbench.ui.context import AppContext
+    from workbench.web import blocked_paths
+
+    ctx = AppContext.create(tmp_path / "ws", db_path="postgresql://wb@dbhost/labels")
+    assert str(ctx.workspace / "images") in served_paths(ctx)
+    shared = AppContext.create(tmp_path / "ws", db_path=f"postgresql://wb@dbhost/labels?image_dir={tmp_path / 'shared'}")
+    assert str(tmp_path / "shared") in served_paths(shared)
+    assert blocked_paths(shared) == [str(shared.runs_dir)]
+    sqlite = AppContext.create(tmp_path / "ws", db_path=f"sqlite:///{tmp_path / 'other' / 'wb.db'}")
+    assert str(tmp_path / "other" / "images") in served_paths(sqlite)
+    assert str(tmp_path / "other" / "wb.db") in blocked_paths(sqlite)
 
 
 def test_the_sweep_removes_old_uploads_only(tmp_path):

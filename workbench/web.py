@@ -37,15 +37,16 @@ IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"
 
 
 def served_paths(ctx) -> list[str]:
-    """The folders whose files the pages show: the annotation store's images (beside its database, as
-    `workbench.store.Store` keeps them), exports, and the example image of the Attention tab."""
-    return [str(Path(ctx.db_path).parent / "images"), str(ctx.workspace / "exports"), str(ctx.workspace / "examples")]
+    """The folders whose files the pages show: the annotation store's images (beside an SQLite database,
+    or where a PostgreSQL store's URL puts them: AppContext.image_dir), exports, and the example image of
+    the Attention tab."""
+    return [str(ctx.image_dir), str(ctx.workspace / "exports"), str(ctx.workspace / "examples")]
 
 
 def blocked_paths(ctx) -> list[str]:
-    """Never served, even if a served folder held them: the database with its journal files, and runs."""
-    db = Path(ctx.db_path)
-    return [str(db), *(f"{db}{suffix}" for suffix in ("-wal", "-shm", "-journal")), str(ctx.runs_dir)]
+    """Never served, even if a served folder held them: an SQLite database with its journal files, and runs."""
+    journal = ("", "-wal", "-shm", "-journal")
+    return [*(f"{db}{suffix}" for db in ctx.database_files() for suffix in journal), str(ctx.runs_dir)]
 
 
 def launch_options(ctx, *, max_upload_mb: float = MAX_UPLOAD_MB, share_url=lambda: None) -> dict:

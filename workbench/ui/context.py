@@ -52,10 +52,11 @@ class AppContext:
     def paths(self) -> PathRule:
         """The rule for paths typed into a form (workbench.paths): the workspace, the allowed folders and
         the annotation database; embedded models, the default model and hub ids."""
-        return PathRule(self.workspace, allowed=(*self.allowed_paths, *self._database_files()), confined=self.confined,
+        return PathRule(self.workspace, allowed=(*self.allowed_paths, *self.database_files()), confined=self.confined,
                         models=(self.default_model,), databases=(self.db_path,) if isinstance(self.db_path, str) else ())
 
-    def _database_files(self) -> tuple[Path, ...]:
+    def database_files(self) -> tuple[Path, ...]:
+        """The SQLite database file of the store, if it is one (a PostgreSQL store has none here)."""
         if isinstance(self.db_path, Path):
             return (self.db_path,)
         file = sqlite_url_path(self.db_path)
