@@ -11,8 +11,9 @@ For each engine, on the same source data:
   version after the one it was made against, no version was made twice, each conversation's version
   moved by exactly its accepted saves, and its history has one revision per version;
 - annotators: 10,000 conversations labelled twice (alice's and bob's copies written through the store),
-  then read back with their copies, as an agreement computation reads them. The agreement itself is
-  the HOOK below (measure_agreement), for the agreement module.
+  then read back with their copies, as the Team tab reads them (the dataset's copies in one query), and
+  their agreement computed (workbench.agreement, on characters: Cohen's and Fleiss' kappa, Krippendorff's
+  alpha, per role).
 
 SQLite runs with synchronous=FULL (the store's default); PostgreSQL is a server of its own started for
 the run (workbench.store.pgserver, durable settings: fsync and synchronous commit on), reached over a
@@ -27,7 +28,6 @@ import argparse
 import multiprocessing
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -162,12 +162,14 @@ def perturb(labels, texts, rng: random.Random):
     return out
 
 
-def measure_agreement(items) -> dict | None:
-    """HOOK (lead): agreement over the doubly labelled conversations, with workbench.agreement.
-    `items` is a list of (Conversation, {annotator: Labels}) as the store gives them (see
-    doubly_labelled). Return {"what": seconds, ...} to be printed beside the store's figures; None
-    leaves the row out."""
-    return None
+def measure_agreement(items) -> dict:
+    """Agreement of the doubly labelled conversations on characters, as the Team tab computes it;
+    `items` are (Conversation, {annotator: Labels}) as the store gives them (see doubly_labelled)."""
+    from workbench.agreement import agreement_report
+
+    report = agreement_report(items, unit="char")
+    return {"conversations": report.conversations, "units": report.units,
+            "cohen": round(report.cohen.value, 3), "alpha": round(report.alpha.value, 3)}
 
 
 def doubly_labelled(location: str, ids: list[int], seed: int = 0) -> dict:
@@ -182,16 +184,15 @@ def doubly_labelled(location: str, ids: list[int], seed: int = 0) -> dict:
                 store.mark_labelled(cid, True, author=name, annotator=name)
         written = time.perf_counter() - t0
         t0 = time.perf_counter()
-        items = []
-        for cid in ids:
-            conv = store.conversation(cid)
-            items.append((conv.as_conversation(), {name: copy.labels for name, copy in store.copies(cid).items()}))
+        copies = store.dataset_copies("shapes")
+        items = [(store.conversation(cid).as_conversation(), {name: copy.labels for name, copy in copies[cid].items()})
+                 for cid in ids]
         read = time.perf_counter() - t0
     assert all(set(annotations) == {"alice", "bob"} for _, annotations in items)
     t0 = time.perf_counter()
     agreement = measure_agreement(items)
     return {"n": len(ids), "write_s": written, "read_s": read, "agreement": agreement,
-            "agreement_s": time.perf_counter() - t0 if agreement is not None else None}
+            "agreement_s": time.perf_counter() - t0}
 
 
 # --- one engine ------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def run_engine(engine: str, location: str, source: Path, args) -> dict:
         a = result["agreement"]
         print(f"{a['n']} conversations labelled by alice and bob: written in {a['write_s']:.1f} s "
               f"({2 * a['n'] / a['write_s']:.0f} copies/s), read back with their copies in {a['read_s']:.1f} s"
-              + (f", agreement {a['agreement']}" if a["agreement"] else ", agreement: (hook not filled)"), flush=True)
+              + f"; agreement {a['agreement']} in {a['agreement_s']:.1f} s", flush=True)
     return result
 
 
@@ -246,8 +247,8 @@ def table(results: dict, args) -> str:
     if args.agreement_n:
         rows += [(f"write {2 * args.agreement_n:,} annotator copies", [r["agreement"]["write_s"] for r in results.values()], "s", False),
                  (f"read {args.agreement_n:,} conversations + copies", [r["agreement"]["read_s"] for r in results.values()], "s", False)]
-        if all(r["agreement"]["agreement_s"] is not None for r in results.values()):
-            rows.append(("agreement (hook)", [r["agreement"]["agreement_s"] for r in results.values()], "s", False))
+        rows.append((f"agreement of {args.agreement_n:,} conversations (characters)",
+                     [r["agreement"]["agreement_s"] for r in results.values()], "s", False))
     head = "| | " + " | ".join(engines) + (" | PostgreSQL / SQLite |" if len(engines) == 2 else " |")
     lines = [head, "|---" * (len(engines) + 1 + (len(engines) == 2)) + "|"]
     for name, values, unit, higher_better in rows:
