@@ -62,6 +62,8 @@ def test_the_default_vlm_learns_the_same_from_a_padding_free_batch(processor, it
     model.train()
     positions = data.record_positions(model)
     assert positions is not None
+    # without HSA too: "hsa" without semantic_ids is SDPA that attends record by record in these batches
+    assert model.get_base_model().config._attn_implementation == "hsa"
     padded = data.PadCollator(processor, image_root=image_root, hsa=hsa)
     packed = data.PadCollator(processor, image_root=image_root, hsa=hsa, positions=positions)
     for batch_items in (records[:4], records[4:8], records[1:3]):

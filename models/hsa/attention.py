@@ -48,6 +48,12 @@ def hsa_attention_forward(
         probe.observe(module, query, key, seen, scaling)
     if semantic_ids is None or not causal:
         # Not a decoder self-attention (e.g. a vision tower), or no roles given: plain attention.
+        if causal and not want_weights and not query.is_cuda and query.shape[2] == key.shape[2]:
+            rows = _shared("segments", query, key, attention_mask, None, 0,
+                           lambda: _packed_segments(attention_mask, query.shape[2]))
+            if rows is not None:  # a padding-free batch: record by record
+                plan = [[(start, stop, None) for start, stop in row] for row in rows]
+                return segment_attention(query, key, value, plan, dropout=dropout, scaling=scaling), None
         if want_weights:
             return eager_attention(module, query, key, value, _plain_allowed(attention_mask, query, key, causal),
                                    dropout=dropout, scaling=scaling)
@@ -91,22 +97,25 @@ _SHARED_ATTR = "_hsa_shared"
 
 
 def _shared(kind: str, query, key, attention_mask, semantic_ids, generation_role: int, build):
-    if torch.compiler.is_compiling():
-        return build()
     anchor = attention_mask if attention_mask is not None else semantic_ids
+    if anchor is None or torch.compiler.is_compiling():
+        return build()
     valid = (query.shape[0], query.shape[2], key.shape[2], query.device, generation_role,
-             semantic_ids._version, None if attention_mask is None else attention_mask._version)
+             None if semantic_ids is None else semantic_ids._version,
+             None if attention_mask is None else attention_mask._version)
+
+    def same(ref, tensor):
+        return ref is None if tensor is None else (ref is not None and ref() is tensor)
+
     slot = getattr(anchor, _SHARED_ATTR, None)
     if slot is not None:
         ref_ids, ref_mask, kept_valid, values = slot
-        if (kept_valid == valid and ref_ids() is semantic_ids
-                and (ref_mask is None) == (attention_mask is None)
-                and (ref_mask is None or ref_mask() is attention_mask)):
+        if kept_valid == valid and same(ref_ids, semantic_ids) and same(ref_mask, attention_mask):
             if kind not in values:
                 values[kind] = build()
             return values[kind]
     value = build()
-    setattr(anchor, _SHARED_ATTR, (weakref.ref(semantic_ids),
+    setattr(anchor, _SHARED_ATTR, (None if semantic_ids is None else weakref.ref(semantic_ids),
                                    None if attention_mask is None else weakref.ref(attention_mask), valid,
                                    {kind: value}))
     return value

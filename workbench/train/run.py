@@ -126,6 +126,10 @@ def load_model(config: TrainConfig):
         model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)  # a text-only model
     model.config.use_cache = False  # a KV cache is for generation; it only costs memory in training
     model.config.get_text_config().use_cache = False  # (a VLM's language model reads its own config)
+    if not config.hsa and padding_free_positions(model) is not None:
+        # without semantic_ids the "hsa" implementation is SDPA, except that it attends record by record in
+        # padding-free batches where SDPA would compute the whole row's block-diagonal mask
+        model.set_attn_implementation(models.hsa.IMPLEMENTATION)
 
     if config.stage == "align":  # a composed VLM's projector alone; the vision tower and the LM stay frozen
         freeze_for_align(model)
