@@ -20,8 +20,21 @@ OMP_WAIT_POLICY=PASSIVE. LLaMA-Factory gets the workbench's own processor (Qwen2
 PIL image processor with images made the fixed square the model knows; its video part, which needs
 torchvision, stands in by the image processor, as LLaMA-Factory requires one to exist). Per step, a
 Trainer callback times "data" (end of a step to the start of the next: fetching and collating the
-batch) and "compute" (forward, backward, optimizer). Rounds interleave the three variants; the workbench's
-first round aligns into a new cache (cold), later rounds read it (warm). Medians over steps 6..end.
+batch) and "compute" (forward, backward, optimizer), in wall time and in the process's CPU time (all its
+threads: what a shared machine's other work inflates least). Rounds interleave the three variants; the
+workbench's first round aligns into a new cache (cold), later rounds read it (warm). Medians over steps
+6..end; ratios of the medians over rounds, and the median of each round's own ratio (paired).
+
+What still differs between the two sides, as each does it by default: LLaMA-Factory pads a batch to a
+multiple of 8 tokens (the workbench to its longest record) and computes Qwen2-VL's rotary position ids in its
+collator (the workbench's model computes them in its forward: data time there, compute time here); it trains
+on the newline after each `<|im_end|>` (more labelled tokens, the same compute); its venv has peft 0.18.1 and
+accelerate 1.11 (the workbench's 0.21.2 and 1.15; LoRA's Linear.forward is the same code in both). Both use
+transformers' default optimizer, adamw_torch_fused. The workbench computes a batch without padding (padding-free:
+its records one after another in one row, attention within each; the same loss and gradients, see
+tests/test_train_padding_free.py, except that LoRA dropout draws its random masks for the row's shape); a fourth variant, "HSA on, padded", is the workbench with padded batches. The workbench keeps the image processor's output with the
+aligned records (small image sets, as here: workbench.train.data.PIXEL_BUDGET); LLaMA-Factory processes a
+batch's images in its collator at every step.
 """
 from __future__ import annotations
 
@@ -47,18 +60,21 @@ def timer_class(base):
             super().__init__(*args, **kwargs)
             self.start, self.begin, self.end = time.perf_counter(), None, None
             self.data, self.compute, self.first = [], [], None
+            self.data_cpu, self.compute_cpu = [], []  # CPU seconds of the process (all its threads)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if self.end is not None:
-                self.data.append(now - self.end)
-            self.begin = now
+                self.data.append(now - self.end[0])
+                self.data_cpu.append(cpu - self.end[1])
+            self.begin = (now, cpu)
             return super().on_step_begin(args, state, control, **kwargs)
 
         def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            self.compute.append(now - self.begin)
-            self.end = now
+            now, cpu = time.perf_counter(), time.process_time()
+            self.compute.append(now - self.begin[0])
+            self.compute_cpu.append(cpu - self.begin[1])
+            self.end = (now, cpu)
             if self.first is None:
                 self.first = now - T0
             return super().on_step_end(args, state, control, **kwargs)
@@ -66,12 +82,27 @@ def timer_class(base):
         def result(self) -> dict:
             import resource
 
-            return {"data": self.data, "compute": self.compute, "first_step_s": self.first,
+            return {"data": self.data, "compute": self.compute, "data_cpu": self.data_cpu,
+                    "compute_cpu": self.compute_cpu, "first_step_s": self.first,
                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return Timer
 
 
 T0 = time.perf_counter()
+
+
+def data_s(result: dict, clock: str = "wall") -> float:
+    """Median data time before steps 6..end (the first entry is the time before step 2)."""
+    return statistics.median(result["data" if clock == "wall" else "data_cpu"][4:])
+
+
+def compute_s(result: dict, clock: str = "wall") -> float:
+    """Median compute time of steps 6..end."""
+    return statistics.median(result["compute" if clock == "wall" else "compute_cpu"][5:])
+
+
+def per_step(result: dict, clock: str = "wall") -> float:
+    return data_s(result, clock) + compute_s(result, clock)
 
 
 def run_workbench(args) -> dict:
@@ -90,6 +121,8 @@ def run_workbench(args) -> dict:
             timer["it"] = self
 
     run.MetricsCallback = TimedMetrics
+    if args.padded:  # the workbench as before padding-free batches, to show what they contribute
+        run.padding_free_positions = lambda model: None
     config = parse_config({"dataset": str(Path(args.data) / "shapes.json"), "base_model": args.model,
                            "output_dir": args.out, "max_steps": args.steps, "batch_size": 4, "learning_rate": 2e-4,
                            "lr_scheduler": "cosine", "lora_r": LORA["r"], "lora_alpha": LORA["alpha"],
@@ -180,8 +213,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write every round's per-step times to this file")
     parser.add_argument("--side", choices=["workbench", "llamafactory"], help=argparse.SUPPRESS)
     parser.add_argument("--hsa", default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -197,7 +232,8 @@ def main() -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": str(ROOT)}
     variants = {"workbench, HSA off": (sys.executable, ["--side", "workbench", "--hsa", "off"]),
                 "workbench, HSA on": (sys.executable, ["--side", "workbench", "--hsa", "on"]),
-                "LLaMA-Factory": (args.lf_python, ["--side", "llamafactory"])}
+                "LLaMA-Factory": (args.lf_python, ["--side", "llamafactory"]),
+                "workbench, HSA on, padded": (sys.executable, ["--side", "workbench", "--hsa", "on", "--padded"])}
     results = {name: [] for name in variants}
     load = os.getloadavg()
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores", flush=True)
@@ -219,30 +255,36 @@ def main() -> None:
             result["cache"] = ("cold" if "conversations aligned in" in done.stdout else "warm") \
                 if name.startswith("workbench") else "-"
             results[name].append(result)
-            step = statistics.median(result["compute"][5:])
-            print(f"round {r + 1} {name:<20} s/step {statistics.median(result['data'][4:]) + step:.4f} "
-                  f"(data {statistics.median(result['data'][4:]):.4f}, compute {step:.4f}), "
-                  f"cache {result['cache']}", flush=True)
+            print(f"round {r + 1} {name:<20} s/step {per_step(result):.4f} (data {data_s(result):.4f}, "
+                  f"compute {compute_s(result):.4f}; CPU s/step {per_step(result, 'cpu'):.4f}), "
+                  f"cache {result['cache']}, load {os.getloadavg()[0]:.1f}", flush=True)
     print()
-    print(f"| | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
+    median = statistics.median
+    print(f"| median of {args.rounds} rounds | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
     rows = {
-        f"s/step (steps 6-{args.steps}, median of rounds)": lambda rs: statistics.median(
-            statistics.median(x["data"][4:]) + statistics.median(x["compute"][5:]) for x in rs),
-        "of which data + collate": lambda rs: statistics.median(statistics.median(x["data"][4:]) for x in rs),
-        "compute (forward, backward, optimizer)": lambda rs: statistics.median(
-            statistics.median(x["compute"][5:]) for x in rs),
-        "start -> end of step 1 (s)": lambda rs: statistics.median(x["first_step_s"] for x in rs),
-        "peak RSS (MB)": lambda rs: statistics.median(x["peak_rss_mb"] for x in rs),
+        f"s/step (steps 6-{args.steps})": lambda rs: median(per_step(x) for x in rs),
+        "of which data + collate": lambda rs: median(data_s(x) for x in rs),
+        "compute (forward, backward, optimizer)": lambda rs: median(compute_s(x) for x in rs),
+        "CPU s/step (the process's CPU time, all threads)": lambda rs: median(per_step(x, "cpu") for x in rs),
+        "start -> end of step 1 (s)": lambda rs: median(x["first_step_s"] for x in rs),
+        "peak RSS (MB)": lambda rs: median(x["peak_rss_mb"] for x in rs),
     }
-    table = {}
     for label, f in rows.items():
-        table[label] = {name: f(rs) for name, rs in results.items()}
-        print(f"| {label} | {' | '.join(f'{v:.4f}' if v < 100 else f'{v:.0f}' for v in table[label].values())} |")
-    s = table[f"s/step (steps 6-{args.steps}, median of rounds)"]
-    lf = s["LLaMA-Factory"]
-    print(f"\nthroughput vs LLaMA-Factory: HSA off {lf / s['workbench, HSA off']:.3f}x, "
-          f"HSA on {lf / s['workbench, HSA on']:.3f}x; HSA on / off s/step "
-          f"{s['workbench, HSA on'] / s['workbench, HSA off']:.3f}")
+        values = [f(rs) for rs in results.values()]
+        print(f"| {label} | {' | '.join(f'{v:.4f}' if v < 100 else f'{v:.0f}' for v in values)} |")
+    # Ratios: of the medians over rounds, and the median of each round's own ratio (the variants of a round ran
+    # back to back, so a round's ratio is a paired comparison that a slow minute of the machine hits less).
+    off, on, lf, padded = (results[n] for n in ("workbench, HSA off", "workbench, HSA on", "LLaMA-Factory",
+                                                "workbench, HSA on, padded"))
+    for clock in ("wall", "cpu"):
+        s_off, s_on, s_lf, s_pad = (median(per_step(x, clock) for x in rs) for rs in (off, on, lf, padded))
+        paired = lambda a, b: median(per_step(y, clock) / per_step(x, clock) for x, y in zip(a, b))  # noqa: E731
+        print(f"{clock:>4}: throughput vs LLaMA-Factory: HSA off {s_lf / s_off:.3f}x (paired {paired(off, lf):.3f}x), "
+              f"HSA on {s_lf / s_on:.3f}x (paired {paired(on, lf):.3f}x), HSA on padded {s_lf / s_pad:.3f}x "
+              f"(paired {paired(padded, lf):.3f}x); HSA on / off s/step {s_on / s_off:.3f} "
+              f"(paired {1 / paired(on, off):.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
