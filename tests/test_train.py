@@ -187,8 +187,21 @@ def test_cancel_saves_a_checkpoint_that_resume_continues_from(manager, default_m
     assert after and after[0] == saved[0] + 1  # continued from the cancel's checkpoint
 
 
+def png_with_garbled_pixels(path) -> None:
+    """A PNG whose chunks are whole (header, CRCs: PIL's verify passes it, so the config check does) but
+    whose pixel data does not inflate: it fails only when a batch decodes it, mid-run."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 56, 56, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", b"this is not deflate data" * 4) + chunk(b"IEND", b""))
+
+
 def test_a_crashing_run_ends_failed_with_the_error(manager, default_model, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # found, but unreadable mid-run
+    png_with_garbled_pixels(tmp_path / "broken.png")  # found, and it passes the check, but unreadable mid-run
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
