@@ -81,7 +81,7 @@ def measure(kind: str, model: str, data: str, steps: int, batch_size: int, threa
 
     net = load_model(config)
     net.train()
-    positions = padding_free_positions(net)
+    positions = padding_free_positions(net, config)
     sources = {
         "uncached": loader(records, train_data.uncached_collator(processor, image_root=image_root,
                                                                  max_length=config.max_length)),

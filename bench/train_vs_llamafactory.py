@@ -121,13 +121,12 @@ def run_workbench(args) -> dict:
             timer["it"] = self
 
     run.MetricsCallback = TimedMetrics
-    if args.padded:  # the workbench as before padding-free batches, to show what they contribute
-        run.padding_free_positions = lambda model: None
     config = parse_config({"dataset": str(Path(args.data) / "shapes.json"), "base_model": args.model,
                            "output_dir": args.out, "max_steps": args.steps, "batch_size": 4, "learning_rate": 2e-4,
                            "lr_scheduler": "cosine", "lora_r": LORA["r"], "lora_alpha": LORA["alpha"],
                            "lora_dropout": LORA["dropout"], "lora_target": LORA["target"], "hsa": args.hsa == "on",
                            "save_steps": 10 ** 6, "threads": args.threads, "dataloader_num_workers": 0,
+                           "padding_free": not args.padded,  # padded: as before padding-free batches
                            "cache_dir": args.cache, "dtype": "float32", "seed": 42})
     summary = run.train(config)
     out = timer["it"].result()

@@ -181,3 +181,17 @@ def test_a_records_positions_are_made_once_a_run_and_never_given_to_another_reco
         others = text_items(3, seed=seed)
         batch = collate(others)
         assert batch["position_ids"][0].tolist() == [p for item in others for p in range(len(item))]
+
+
+def test_padding_free_false_gives_padded_batches_and_the_runs_own_attention(tmp_path):
+    """The opt-out: `padding_free: false` keeps batches padded (as before, and as a run elsewhere pads them),
+    and a run without HSA keeps plain SDPA."""
+    from workbench.train.run import padding_free_positions
+
+    base = {"dataset": str(tmp_path / "d.json"), "base_model": str(DEFAULT_MODEL), "hsa": False, "dtype": "float32"}
+    padded = parse_config(base | {"padding_free": False}, base_dir=tmp_path)
+    model = load_model(padded)
+    assert padding_free_positions(model, padded) is None
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    free = parse_config(base, base_dir=tmp_path)
+    assert free.padding_free and padding_free_positions(load_model(free), free) is not None

@@ -115,6 +115,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     threads: Int = Field(0, ge=0)                 # torch threads of the run; 0: torch's default (OMP_NUM_THREADS)
     dataloader_num_workers: Int = Field(-1, ge=-1)  # processes loading batches; -1: chosen for the machine
+    padding_free: bool = True                     # CPU, Qwen2-VL / Llama / Qwen2 / Qwen3: a batch's records in one
+                                                  # row, no padding computed (same loss and gradients); false: padded
     cache_dir: str = ""                           # aligned records (workbench.train.data); "": ~/.cache/hsa-workbench
     weight_decay: Finite = Field(0.0, ge=0)
     max_grad_norm: Finite = Field(1.0, ge=0)      # 0: no clipping

@@ -126,7 +126,7 @@ def load_model(config: TrainConfig):
         model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)  # a text-only model
     model.config.use_cache = False  # a KV cache is for generation; it only costs memory in training
     model.config.get_text_config().use_cache = False  # (a VLM's language model reads its own config)
-    if not config.hsa and padding_free_positions(model) is not None:
+    if not config.hsa and padding_free_positions(model, config) is not None:
         # without semantic_ids the "hsa" implementation is SDPA, except that it attends record by record in
         # padding-free batches where SDPA would compute the whole row's block-diagonal mask
         model.set_attn_implementation(models.hsa.IMPLEMENTATION)
@@ -288,10 +288,13 @@ def dataloader_workers(config: TrainConfig) -> int:
     return data.default_workers() if config.dataloader_num_workers < 0 else config.dataloader_num_workers
 
 
-def padding_free_positions(model):
+def padding_free_positions(model, config: TrainConfig):
     """`data.record_positions` for this run's model where padding-free batches apply: on the CPU (the GPU's
-    FlexAttention path builds its block mask from roles and padding, not from the model's mask of packed records)."""
-    return None if torch.cuda.is_available() else data.record_positions(model)
+    FlexAttention path builds its block mask from roles and padding, not from the model's mask of packed records),
+    unless the config asks for padded batches (`padding_free: false`)."""
+    if not config.padding_free or torch.cuda.is_available():
+        return None
+    return data.record_positions(model)
 
 
 def training_arguments(config: TrainConfig, has_eval: bool, n_train: int = 0,
@@ -398,7 +401,7 @@ def train(config: TrainConfig) -> dict:
     print(f"model: {config.base_model} attention={'hsa' if config.hsa else 'sdpa'} "
           f"finetuning={config.finetuning} quantization={config.quantization}", flush=True)
 
-    positions = padding_free_positions(model)
+    positions = padding_free_positions(model, config)
     print(f"data: {'padding-free batches (records one after another, attention within each)' if positions else 'padded batches'}",
           flush=True)
     args = training_arguments(config, has_eval=bool(eval_items), n_train=len(train_items),
